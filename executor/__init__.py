@@ -1,0 +1,1 @@
+"""hitz.executor: manifest, planner, scheduler, reports and the CLI."""
