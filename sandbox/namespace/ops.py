@@ -1,0 +1,145 @@
+"""The operations a namespace sandbox is built from.
+
+``plan.build_ops`` turns a ``SandboxSpec`` into an ordered list of these;
+``mounts.apply`` executes them, one case and (mostly) one syscall per
+operation. Paths are sandbox paths, absolute; ``source`` of a bind is a host
+path. The list is plain data: printable (``hitz sandbox explain``), testable
+without a kernel, and sent to the launcher helper as JSON.
+"""
+
+from __future__ import annotations
+
+from dataclasses import astuple, dataclass
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Tmpfs:
+    path: str
+    size: int = 0  # bytes; 0 = the kernel's default (half of RAM)
+    mode: int = 0o755
+
+
+@dataclass(frozen=True, slots=True)
+class MakeDir:
+    path: str
+    mode: int = 0o755
+
+
+@dataclass(frozen=True, slots=True)
+class MakeFile:
+    """An empty file to bind a file over (a bind needs an existing target)."""
+
+    path: str
+
+
+@dataclass(frozen=True, slots=True)
+class WriteFile:
+    path: str
+    content: str
+    mode: int = 0o644
+
+
+@dataclass(frozen=True, slots=True)
+class Symlink:
+    target: str
+    path: str
+
+
+@dataclass(frozen=True, slots=True)
+class BindReadOnly:
+    source: str
+    path: str
+
+
+@dataclass(frozen=True, slots=True)
+class BindWritable:
+    source: str
+    path: str
+
+
+@dataclass(frozen=True, slots=True)
+class BindDevice:
+    """A host device node (/dev/null, ...): bound, since a user namespace
+    cannot mknod."""
+
+    source: str
+    path: str
+
+
+@dataclass(frozen=True, slots=True)
+class MountProc:
+    path: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReadOnlySubtree:
+    """Bind ``path`` onto itself and make that read-only (e.g. /proc/sys)."""
+
+    path: str
+
+
+@dataclass(frozen=True, slots=True)
+class RemountReadOnly:
+    """Make the existing mount at ``path`` read-only (the tmpfs root, /dev)."""
+
+    path: str
+
+
+Op = (
+    Tmpfs
+    | MakeDir
+    | MakeFile
+    | WriteFile
+    | Symlink
+    | BindReadOnly
+    | BindWritable
+    | BindDevice
+    | MountProc
+    | ReadOnlySubtree
+    | RemountReadOnly
+)
+
+_KINDS: dict[str, type[Op]] = {
+    cls.__name__: cls
+    for cls in (
+        Tmpfs, MakeDir, MakeFile, WriteFile, Symlink, BindReadOnly, BindWritable,
+        BindDevice, MountProc, ReadOnlySubtree, RemountReadOnly,
+    )
+}
+
+
+def encode(ops: list[Op]) -> list[list[Any]]:
+    """Ops as JSON-ready lists: ``[kind, field...]``."""
+    return [[type(op).__name__, *astuple(op)] for op in ops]
+
+
+def decode(raw: list[list[Any]]) -> list[Op]:
+    return [_KINDS[kind](*fields) for kind, *fields in raw]
+
+
+def describe(op: Op) -> str:
+    """One line for ``hitz sandbox explain``."""
+    match op:
+        case Tmpfs(path, size, mode):
+            return f"tmpfs      {path}" + (f" size={size}" if size else "") + f" mode={mode:o}"
+        case MakeDir(path, mode):
+            return f"mkdir      {path}"
+        case MakeFile(path):
+            return f"touch      {path}"
+        case WriteFile(path, content, mode):
+            return f"write      {path} ({len(content)} bytes)"
+        case Symlink(target, path):
+            return f"symlink    {path} -> {target}"
+        case BindReadOnly(source, path):
+            return f"bind ro    {source} -> {path}"
+        case BindWritable(source, path):
+            return f"bind rw    {source} -> {path}"
+        case BindDevice(source, path):
+            return f"bind dev   {source} -> {path}"
+        case MountProc(path):
+            return f"proc       {path}"
+        case ReadOnlySubtree(path):
+            return f"ro subtree {path}"
+        case RemountReadOnly(path):
+            return f"remount ro {path}"

@@ -1,0 +1,210 @@
+"""Turn a ``SandboxSpec`` into the ordered operations that build its root.
+
+Pure: no system calls beyond reading the host's top-level layout once
+(``HostLayout.probe``), so the plan is unit-tested and printable. The order
+is the order ``mounts.apply`` runs them in; the comments say why a step sits
+where it does.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from dataclasses import dataclass
+
+from hitz.sandbox.namespace.ops import (
+    BindDevice,
+    BindReadOnly,
+    BindWritable,
+    MakeDir,
+    MakeFile,
+    MountProc,
+    Op,
+    ReadOnlySubtree,
+    RemountReadOnly,
+    Symlink,
+    Tmpfs,
+    WriteFile,
+)
+from hitz.sandbox.spec import Network, SandboxSpec
+
+HOSTNAME = "hitz"
+TMP_SIZE = 1 << 30  # /tmp and /dev/shm: 1 GiB each unless a policy says otherwise
+
+# Top-level host entries that make up rootfs = "host". On a merged-/usr system
+# /bin, /lib... are symlinks into /usr and are recreated as symlinks.
+_ROOTFS_ENTRIES = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32")
+
+# Host /etc entries a toolchain needs: the dynamic loader's cache, the
+# Debian alternatives (cc -> gcc), static protocol tables. Nothing with
+# secrets, users or host identity; passwd/group/hosts are written fresh.
+_ETC_ENTRIES = (
+    "ld.so.cache",
+    "ld.so.conf",
+    "ld.so.conf.d",
+    "alternatives",
+    "protocols",
+    "services",
+)
+# Only with network = "host": name resolution and TLS trust.
+_ETC_NETWORK_ENTRIES = ("resolv.conf", "gai.conf", "ssl", "ca-certificates")
+
+_ETC_FILES = {
+    "passwd": "root:x:0:0:root:/tmp:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n",
+    "group": "root:x:0:\nnogroup:x:65534:\n",
+    "hosts": f"127.0.0.1\tlocalhost {HOSTNAME}\n::1\tlocalhost ip6-localhost ip6-loopback\n",
+    "hostname": f"{HOSTNAME}\n",
+    "nsswitch.conf": "passwd: files\ngroup: files\nhosts: files dns\n",
+}
+
+_DEVICES = ("null", "zero", "full", "random", "urandom")
+
+
+@dataclass(frozen=True, slots=True)
+class HostEntry:
+    name: str  # e.g. "usr", "ld.so.cache"
+    symlink: str | None  # the link's target if the host entry is a symlink
+    is_dir: bool
+
+
+@dataclass(frozen=True, slots=True)
+class HostLayout:
+    """What of the host's / and /etc exists, read once per process."""
+
+    rootfs: tuple[HostEntry, ...]
+    etc: tuple[HostEntry, ...]
+    etc_network: tuple[HostEntry, ...]
+
+    @classmethod
+    def probe(cls, root: str = "/") -> HostLayout:
+        def entries(folder: str, names: tuple[str, ...]) -> tuple[HostEntry, ...]:
+            found = []
+            for name in names:
+                path = os.path.join(folder, name)
+                if os.path.islink(path):
+                    found.append(HostEntry(name, os.readlink(path), False))
+                elif os.path.exists(path):
+                    found.append(HostEntry(name, None, os.path.isdir(path)))
+            return tuple(found)
+
+        return cls(
+            rootfs=entries(root, _ROOTFS_ENTRIES),
+            etc=entries(os.path.join(root, "etc"), _ETC_ENTRIES),
+            etc_network=entries(os.path.join(root, "etc"), _ETC_NETWORK_ENTRIES),
+        )
+
+
+def writable_roots(outputs: tuple[str, ...]) -> list[str]:
+    """The fewest project-relative folders that make every output writable.
+
+    A file output needs its parent folder, a directory output ("gen/") the
+    folder itself; a folder inside another writable one is dropped. "" is the
+    project root.
+    """
+    wanted = sorted(
+        {out.rstrip("/") if out.endswith("/") else posixpath.dirname(out) for out in outputs}
+    )
+    roots: list[str] = []
+    for folder in wanted:
+        if not any(_within(folder, root) for root in roots):
+            roots.append(folder)
+    return roots
+
+
+def _within(path: str, folder: str) -> bool:
+    return folder == "" or path == folder or path.startswith(folder + "/")
+
+
+def build_ops(spec: SandboxSpec, host: HostLayout) -> list[Op]:
+    """The operations that build ``spec``'s root, in order."""
+    ops: list[Op] = [Tmpfs("/", mode=0o755)]
+    ops += _rootfs(host, spec.network)
+    ops += _dev()
+    ops += [MakeDir("/proc"), MountProc("/proc"), ReadOnlySubtree("/proc/sys")]
+    ops += [MakeDir("/tmp", 0o1777), Tmpfs("/tmp", TMP_SIZE, 0o1777)]
+    ops += _workdir(spec)
+    # Last: the tmpfs root itself becomes read-only once everything is mounted
+    # on it; the writable places left are /tmp, /dev/shm and the outputs.
+    ops.append(RemountReadOnly("/"))
+    return ops
+
+
+def _rootfs(host: HostLayout, network: Network) -> list[Op]:
+    ops: list[Op] = []
+    for entry in host.rootfs:
+        path = "/" + entry.name
+        if entry.symlink is not None:
+            ops.append(Symlink(entry.symlink, path))
+        else:
+            ops += [MakeDir(path), BindReadOnly(path, path)]
+    ops.append(MakeDir("/etc"))
+    ops += [WriteFile("/etc/" + name, content) for name, content in _ETC_FILES.items()]
+    etc = host.etc + (host.etc_network if network is Network.HOST else ())
+    for entry in etc:
+        path = "/etc/" + entry.name
+        if entry.symlink is not None:
+            ops.append(Symlink(entry.symlink, path))
+        else:
+            ops += [MakeDir(path) if entry.is_dir else MakeFile(path), BindReadOnly(path, path)]
+    return ops
+
+
+def _dev() -> list[Op]:
+    ops: list[Op] = [MakeDir("/dev"), Tmpfs("/dev", mode=0o755)]
+    for name in _DEVICES:
+        ops += [MakeFile("/dev/" + name), BindDevice("/dev/" + name, "/dev/" + name)]
+    ops += [
+        Symlink("/proc/self/fd", "/dev/fd"),
+        Symlink("/proc/self/fd/0", "/dev/stdin"),
+        Symlink("/proc/self/fd/1", "/dev/stdout"),
+        Symlink("/proc/self/fd/2", "/dev/stderr"),
+        MakeDir("/dev/shm", 0o1777),
+        Tmpfs("/dev/shm", TMP_SIZE, 0o1777),
+        # Read-only after the nodes are bound: a task cannot add device files.
+        RemountReadOnly("/dev"),
+    ]
+    return ops
+
+
+def _workdir(spec: SandboxSpec) -> list[Op]:
+    """The project under spec.cwd: writable output folders first, then the
+    read-only inputs, so an input that lives inside an output folder (a
+    dependency's header next to our object file) is bound over it."""
+    work = spec.cwd
+    made: set[str] = {"/"}
+    ops: list[Op] = []
+
+    def make_parents(path: str) -> None:
+        missing = []
+        parent = posixpath.dirname(path)
+        while parent not in made:
+            missing.append(parent)
+            parent = posixpath.dirname(parent)
+        for folder in reversed(missing):
+            ops.append(MakeDir(folder))
+            made.add(folder)
+
+    make_parents(work + "/")
+    ops.append(MakeDir(work))
+    made.add(work)
+
+    for root in writable_roots(spec.outputs):
+        target = posixpath.join(work, root) if root else work
+        make_parents(target)
+        ops += [MakeDir(target), BindWritable(posixpath.join(spec.staging_dir, root), target)]
+        made.add(target)
+
+    dir_inputs: list[str] = []
+    for mount in sorted(spec.inputs, key=lambda m: m.target):
+        if any(_within(mount.target, d) for d in dir_inputs):
+            continue  # already visible through a directory input
+        target = posixpath.join(work, mount.target)
+        make_parents(target)
+        if mount.is_dir:
+            dir_inputs.append(mount.target)
+            ops.append(MakeDir(target))
+            made.add(target)
+        else:
+            ops.append(MakeFile(target))
+        ops.append(BindReadOnly(mount.source, target))
+    return ops
