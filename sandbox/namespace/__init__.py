@@ -43,7 +43,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from hitz.sandbox.errors import SandboxError, SandboxErrorReason, SandboxUnavailable
-from hitz.sandbox.namespace.plan import HostLayout, build_ops, writable_roots
+from hitz.sandbox.namespace.ops import encode
+from hitz.sandbox.namespace.plan import HostLayout, base_ops, work_ops, writable_roots
 from hitz.sandbox.namespace.userns import SANDBOX_HOST_ID
 from hitz.sandbox.outputs import OutputRejected, collect
 from hitz.sandbox.spec import SandboxResult, SandboxSpec, Status, Usage
@@ -75,7 +76,7 @@ class NamespaceBackend:
         self._buf = b""
         self._running: dict[int, _Running] = {}
         self._next_id = 0
-        self._layout: HostLayout | None = None
+        self._base: dict[str, list[list[Any]]] = {}  # encoded base ops by network
         self._host_root = os.geteuid() == 0
 
     # --- the helper -------------------------------------------------------
@@ -149,14 +150,17 @@ class NamespaceBackend:
     # --- SandboxBackend -----------------------------------------------------
     def start(self, spec: SandboxSpec) -> None:
         self._ensure_helper()
-        if self._layout is None:
-            self._layout = HostLayout.probe()
+        base = self._base.get(spec.network.value)
+        if base is None:
+            base = self._base[spec.network.value] = encode(
+                base_ops(HostLayout.probe(), spec.network)
+            )
         self._prepare_staging(spec)
         self._next_id += 1
         self._running[self._next_id] = _Running(spec)
         self._send({
             "op": "start", "id": self._next_id,
-            "ops": _encode(build_ops(spec, self._layout)),
+            "ops": base + encode(work_ops(spec)),
             "argv": list(spec.argv), "env": dict(spec.env), "cwd": spec.cwd,
             "stdout": spec.stdout_path, "stderr": spec.stderr_path,
             "network": spec.network.value, "timeout": spec.timeout, "grace": spec.kill_grace,
@@ -232,12 +236,6 @@ class NamespaceBackend:
             return SandboxResult(status=Status.OUTPUT_MISSING, exit_code=0,
                                  message=str(exc), **base)
         return SandboxResult(status=Status.SUCCEEDED, exit_code=0, outputs=outputs, **base)
-
-
-def _encode(ops: list[Any]) -> list[list[Any]]:
-    from hitz.sandbox.namespace.ops import encode
-
-    return encode(ops)
 
 
 def _seconds(value: float) -> str:

@@ -9,7 +9,7 @@ without a kernel, and sent to the launcher helper as JSON.
 
 from __future__ import annotations
 
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 
@@ -109,9 +109,14 @@ _KINDS: dict[str, type[Op]] = {
 }
 
 
+_FIELDS: dict[type[Op], tuple[str, ...]] = {
+    cls: tuple(f.name for f in fields(cls)) for cls in _KINDS.values()
+}
+
+
 def encode(ops: list[Op]) -> list[list[Any]]:
     """Ops as JSON-ready lists: ``[kind, field...]``."""
-    return [[type(op).__name__, *astuple(op)] for op in ops]
+    return [[type(op).__name__, *(getattr(op, f) for f in _FIELDS[type(op)])] for op in ops]
 
 
 def decode(raw: list[list[Any]]) -> list[Op]:

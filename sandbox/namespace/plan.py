@@ -50,7 +50,10 @@ _ETC_ENTRIES = (
 _ETC_NETWORK_ENTRIES = ("resolv.conf", "gai.conf", "ssl", "ca-certificates")
 
 _ETC_FILES = {
-    "passwd": "root:x:0:0:root:/tmp:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n",
+    "passwd": (
+        "root:x:0:0:root:/tmp:/bin/sh\n"
+        "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
+    ),
     "group": "root:x:0:\nnogroup:x:65534:\n",
     "hosts": f"127.0.0.1\tlocalhost {HOSTNAME}\n::1\tlocalhost ip6-localhost ip6-loopback\n",
     "hostname": f"{HOSTNAME}\n",
@@ -117,16 +120,25 @@ def _within(path: str, folder: str) -> bool:
 
 def build_ops(spec: SandboxSpec, host: HostLayout) -> list[Op]:
     """The operations that build ``spec``'s root, in order."""
+    return [*base_ops(host, spec.network), *work_ops(spec)]
+
+
+def base_ops(host: HostLayout, network: Network) -> list[Op]:
+    """The part of every root that does not depend on the task (the same
+    for every task with this network setting, so it is built once)."""
     ops: list[Op] = [Tmpfs("/", mode=0o755)]
-    ops += _rootfs(host, spec.network)
+    ops += _rootfs(host, network)
     ops += _dev()
     ops += [MakeDir("/proc"), MountProc("/proc"), ReadOnlySubtree("/proc/sys")]
     ops += [MakeDir("/tmp", 0o1777), Tmpfs("/tmp", TMP_SIZE, 0o1777)]
-    ops += _workdir(spec)
-    # Last: the tmpfs root itself becomes read-only once everything is mounted
-    # on it; the writable places left are /tmp, /dev/shm and the outputs.
-    ops.append(RemountReadOnly("/"))
     return ops
+
+
+def work_ops(spec: SandboxSpec) -> list[Op]:
+    """The task's own part: its project view, then the final read-only
+    remount of the root (the writable places left are /tmp, /dev/shm and
+    the outputs)."""
+    return [*_workdir(spec), RemountReadOnly("/")]
 
 
 def _rootfs(host: HostLayout, network: Network) -> list[Op]:
@@ -191,7 +203,9 @@ def _workdir(spec: SandboxSpec) -> list[Op]:
     for root in writable_roots(spec.outputs):
         target = posixpath.join(work, root) if root else work
         make_parents(target)
-        ops += [MakeDir(target), BindWritable(posixpath.join(spec.staging_dir, root), target)]
+        if target not in made:
+            ops.append(MakeDir(target))
+        ops.append(BindWritable(posixpath.join(spec.staging_dir, root), target))
         made.add(target)
 
     dir_inputs: list[str] = []

@@ -23,6 +23,7 @@ helper exits; PR_SET_PDEATHSIG covers a hitz killed with SIGKILL.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -160,10 +161,8 @@ class Zygote:
 
     def _kill(self, box: _Sandbox, sig: int) -> None:
         if box.exit is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(box.pid, sig)
-            except ProcessLookupError:
-                pass
 
     def reap(self) -> None:
         while True:

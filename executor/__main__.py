@@ -1,0 +1,5 @@
+"""`python -m hitz.executor` is `hitz`."""
+
+from hitz.executor.cli import main
+
+main()

@@ -1,0 +1,284 @@
+"""The `hitz` command line. The only place a HitzError becomes text and an
+exit status: 0 success, 1 a task failed, 2 usage or manifest error,
+130 interrupted. Imports are lazy so `hitz --help` and no-op runs start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import traceback
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, NoReturn, TextIO
+
+from hitz.executor.errors import HitzError, Interrupted, UsageError
+
+if TYPE_CHECKING:
+    from hitz.executor.events import RunObserver
+    from hitz.executor.model import Manifest
+
+VERSION = "0.1.0"
+DEFAULT_CONFIG = "hitz.toml"
+COMMANDS = ("run", "validate", "plan", "graph", "schema", "sandbox")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with errors in hitz's voice (exit status 2, a hint)."""
+
+    def error(self, message: str) -> NoReturn:
+        hint = f"see `{self.prog} --help`"
+        if "invalid choice:" in message and self.prog == "hitz":
+            word = message.split("invalid choice: ")[1].split("'")[1]
+            from hitz.executor.suggest import suggest
+
+            near = suggest(word, COMMANDS)
+            message = f"unknown command `{word}`"
+            if near:
+                hint = f"did you mean `hitz {near}`?"
+        raise UsageError(message, hint=hint)
+
+
+def _parser() -> argparse.ArgumentParser:
+    top = _Parser(
+        prog="hitz", description="Run a declared graph of tasks, each in a hermetic sandbox."
+    )
+    top.add_argument("--version", action="version", version=f"hitz {VERSION}")
+    sub = top.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument(
+            "-c",
+            "--config",
+            default=DEFAULT_CONFIG,
+            metavar="FILE",
+            help=f"the manifest (default: {DEFAULT_CONFIG})",
+        )
+        return p
+
+    run = with_config(sub.add_parser("run", help="run tasks (default: all) and what they need"))
+    run.add_argument("targets", nargs="*", metavar="TARGET", help="task names, `build` or `:build`")
+    run.add_argument(
+        "-j",
+        "--jobs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="tasks to run at once (default: number of CPUs)",
+    )
+    run.add_argument(
+        "-k",
+        "--keep-going",
+        action="store_true",
+        help="keep running tasks that do not depend on a failed one",
+    )
+    run.add_argument(
+        "--json", action="store_true", help="write a machine-readable summary to stdout"
+    )
+
+    with_config(sub.add_parser("validate", help="check the manifest and its graph; run nothing"))
+
+    plan = with_config(sub.add_parser("plan", help="print the run order and priorities"))
+    plan.add_argument("targets", nargs="*", metavar="TARGET")
+
+    graph = with_config(sub.add_parser("graph", help="print the task graph"))
+    graph.add_argument("targets", nargs="*", metavar="TARGET")
+    graph.add_argument("--format", choices=("dot", "mermaid"), default="dot")
+
+    sub.add_parser("schema", help="print the manifest's JSON Schema")
+
+    sandbox = sub.add_parser("sandbox", help="inspect the sandbox of a task")
+    sandbox_sub = sandbox.add_subparsers(
+        dest="sandbox_command", metavar="SUBCOMMAND", parser_class=_Parser, required=True
+    )
+    explain = with_config(
+        sandbox_sub.add_parser("explain", help="print the operations that build a task's sandbox")
+    )
+    explain.add_argument("task", metavar="TASK")
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    color = _use_color(sys.stderr)
+    try:
+        code = _dispatch(list(sys.argv[1:] if argv is None else argv))
+    except HitzError as exc:
+        sys.stderr.write(render_error(exc, color))
+        code = exc.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write(render_error(Interrupted("interrupted"), color))
+        code = 130
+    except BrokenPipeError:
+        code = 1
+    except Exception:
+        traceback.print_exc()
+        sys.stderr.write(
+            "\nerror: this is a bug in hitz; please report it with the traceback above\n"
+        )
+        code = 70
+    sys.exit(code)
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _use_color(stream: TextIO) -> bool:
+    return stream.isatty() and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
+
+
+def render_error(exc: HitzError, color: bool = False) -> str:
+    label = "\x1b[1;31merror\x1b[0m" if color else "error"
+    out = f"{label}: {exc.message}\n"
+    if exc.detail:
+        out += exc.detail.rstrip("\n") + "\n"
+    if exc.hint:
+        hint = "\x1b[1;36mhint\x1b[0m" if color else "hint"
+        out += f"\n{hint}: {exc.hint}\n"
+    return out
+
+
+def _dispatch(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    if args.command is None:
+        _parser().print_help(sys.stderr)
+        return 2
+    if args.command == "schema":
+        import json
+
+        from hitz.executor.manifest import json_schema
+
+        print(json.dumps(json_schema(), indent=2))
+        return 0
+    manifest = _load(args.config)
+    if args.command == "run":
+        return _run(manifest, args)
+    if args.command == "validate":
+        return _validate(manifest)
+    if args.command == "plan":
+        return _plan(manifest, args.targets)
+    if args.command == "graph":
+        from hitz.executor import planner
+
+        the_plan = planner.plan(manifest, args.targets)
+        out = planner.to_dot(the_plan) if args.format == "dot" else planner.to_mermaid(the_plan)
+        sys.stdout.write(out if out.endswith("\n") else out + "\n")
+        return 0
+    return _sandbox_explain(manifest, args.task)
+
+
+def _load(config: str) -> Manifest:
+    from hitz.executor.manifest import load
+
+    return load(config)
+
+
+def _validate(manifest: Manifest) -> int:
+    from hitz.executor import planner
+    from hitz.executor.runner import Runner, state_dir_for
+
+    the_plan = planner.plan(manifest)
+    Runner(manifest, state_dir_for(manifest)).preflight(list(the_plan.tasks.values()))
+    print(f"{manifest.display_path}: {len(manifest.tasks)} tasks, no problems found")
+    return 0
+
+
+def _plan(manifest: Manifest, targets: list[str]) -> int:
+    from hitz.executor import planner
+    from hitz.executor.history import History
+    from hitz.executor.runner import state_dir_for
+
+    history = History.load(state_dir_for(manifest))
+    the_plan = planner.plan(manifest, targets, history.durations)
+    ranked = sorted(the_plan.order, key=lambda n: (-the_plan.priority[n], the_plan.order.index(n)))
+    width = max((len(n) for n in ranked), default=4) + 1
+    print(f"{'task':<{width}}  priority  needs")
+    for name in ranked:
+        deps = ", ".join(":" + d for d in the_plan.tasks[name].deps) or "-"
+        print(f":{name:<{width - 1}}  {the_plan.priority[name]:>8.2f}  {deps}")
+    return 0
+
+
+def _run(manifest: Manifest, args: argparse.Namespace) -> int:
+    from hitz.executor import planner
+    from hitz.executor.history import History
+    from hitz.executor.progress import JsonSummary, LiveProgress, PlainProgress
+    from hitz.executor.runner import Runner, project_lock, state_dir_for
+    from hitz.executor.scheduler import DEFAULT_JOBS, Scheduler
+    from hitz.sandbox.namespace import NamespaceBackend
+
+    if args.jobs is not None and args.jobs < 1:
+        raise UsageError(f"-j must be at least 1, got {args.jobs}", hint="for example `-j 4`")
+    state_dir = state_dir_for(manifest)
+    history = History.load(state_dir)
+    the_plan = planner.plan(manifest, args.targets, history.durations)
+    observers: list[RunObserver] = []
+    if sys.stderr.isatty() and os.environ.get("TERM") != "dumb":
+        observers.append(LiveProgress(sys.stderr, _use_color(sys.stderr)))
+    else:
+        observers.append(PlainProgress(sys.stderr))
+    if args.json:
+        observers.append(JsonSummary(sys.stdout))
+
+    with project_lock(state_dir):
+        runner = Runner(manifest, state_dir)
+        runner.preflight([the_plan.tasks[name] for name in the_plan.order])
+        backend = NamespaceBackend()
+        try:
+            summary = Scheduler(
+                the_plan,
+                backend,
+                prepare=runner.prepare,
+                finish=runner.finish,
+                observers=observers,
+                jobs=args.jobs or DEFAULT_JOBS,
+                keep_going=args.keep_going,
+                project=manifest.project,
+            ).run()
+        finally:
+            backend.close()
+            runner.cleanup()
+    history.record_run(summary)
+    history.save()
+    if summary.interrupted:
+        return 130
+    return 0 if summary.ok else 1
+
+
+def _sandbox_explain(manifest: Manifest, task_name: str) -> int:
+    from hitz.executor import planner
+    from hitz.executor.runner import Runner, state_dir_for
+    from hitz.sandbox.namespace.ops import describe
+    from hitz.sandbox.namespace.plan import HostLayout, build_ops
+
+    the_plan = planner.plan(manifest, [task_name])
+    name = task_name.lstrip(":")
+    task = the_plan.tasks[name]
+    runner = Runner(manifest, state_dir_for(manifest))
+    runner.preflight([task])
+    from hitz.sandbox.spec import BASE_ENV, InputMount, Network, SandboxSpec
+
+    mounts = [InputMount(str(manifest.root / rel), rel) for rel in runner.expanded[name]]
+    for dep in task.deps:
+        for out in manifest.tasks[dep].outputs:
+            mounts.append(
+                InputMount(str(manifest.root / out.rstrip("/")), out.rstrip("/"), out.endswith("/"))
+            )
+    spec = SandboxSpec(
+        task=name,
+        argv=task.argv,
+        env={**BASE_ENV, **task.env},
+        inputs=tuple(mounts),
+        outputs=task.outputs,
+        staging_dir="<staging>",
+        stdout_path="<log>",
+        stderr_path="<log>",
+        network=Network(task.network),
+        timeout=task.timeout_s,
+    )
+    print(f"# sandbox of :{name}  (argv: {list(task.argv)})")
+    for op in build_ops(spec, HostLayout.probe()):
+        print(describe(op))
+    return 0

@@ -1,0 +1,234 @@
+"""Glue between the plan and a sandbox backend: prepare specs, keep outputs.
+
+``Runner.prepare`` turns a task into a ``SandboxSpec`` (inputs expanded,
+staging folder and log files chosen); ``Runner.finish`` turns the backend's
+result into a ``TaskResult``, moving the declared outputs of a successful
+task into the project and nothing of a failed one.
+
+The project's state folder ``.hitz/`` holds ``lock`` (one run per project at
+a time), ``tmp/`` (staging folders of running tasks, removed as tasks end
+and swept at the next start after a crash), ``logs/`` (each task's last
+stdout and stderr) and ``history.json`` (durations, for priorities).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from hitz.executor.errors import HitzError, ManifestError, ManifestErrorReason, OutputError
+from hitz.executor.events import Outcome, TaskResult
+from hitz.executor.inputs import STATE_DIR, OutputIndex, expand
+from hitz.executor.model import Manifest, TaskDef
+from hitz.sandbox.spec import (
+    BASE_ENV,
+    InputMount,
+    Network,
+    SandboxResult,
+    SandboxSpec,
+    Status,
+)
+
+STDERR_TAIL_LINES = 20
+_RENAME_EXCHANGE = 2
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class Runner:
+    def __init__(self, manifest: Manifest, state_dir: Path) -> None:
+        self.manifest = manifest
+        self.root = manifest.root
+        self.state_dir = state_dir
+        self.tmp = state_dir / "tmp" / str(os.getpid())
+        self.logs = state_dir / "logs"
+        self.outputs = OutputIndex(manifest)
+        self.expanded: dict[str, list[str]] = {}
+
+    # --- before anything runs ----------------------------------------------------
+    def preflight(self, tasks: list[TaskDef]) -> None:
+        """Expand every selected task's inputs now, so a glob that matches
+        nothing stops the run before any task starts."""
+        for task in tasks:
+            self.expanded[task.name] = expand(self.manifest, task, self.outputs)
+            self._check_dir_inputs(task)
+
+    def _check_dir_inputs(self, task: TaskDef) -> None:
+        own = [o.rstrip("/") for o in task.outputs]
+        for index, pattern in enumerate(task.inputs):
+            folder = pattern.rstrip("/")
+            if pattern.startswith(":") or not os.path.isdir(self.root / folder):
+                continue
+            for out in own:
+                if out.startswith(folder + "/"):
+                    raise ManifestError(
+                        f'task "{task.name}": output "{out}" is inside its input folder '
+                        f'"{pattern}"',
+                        path=self.manifest.display_path,
+                        line=self.manifest.line_of("tasks", task.name, "inputs", index),
+                        hint="declare outputs in a folder of their own, such as build/",
+                        reason=ManifestErrorReason.BAD_VALUE,
+                    )
+
+    # --- per task ---------------------------------------------------------------
+    def prepare(self, task: TaskDef) -> SandboxSpec:
+        files = self.expanded.get(task.name)
+        if files is None:
+            files = self.expanded[task.name] = expand(self.manifest, task, self.outputs)
+        mounts = [InputMount(str(self.root / rel), rel) for rel in files]
+        for dep in task.deps:
+            for out in self.manifest.tasks[dep].outputs:
+                rel = out.rstrip("/")
+                if not os.path.lexists(self.root / rel):
+                    raise OutputError(
+                        f'output "{out}" of task ":{dep}" is missing from the project'
+                    )
+                mounts.append(InputMount(str(self.root / rel), rel, out.endswith("/")))
+        staging = self.tmp / task.name
+        if staging.exists():
+            _remove(staging)
+        staging.mkdir(parents=True)
+        self.logs.mkdir(parents=True, exist_ok=True)
+        return SandboxSpec(
+            task=task.name,
+            argv=task.argv,
+            env={**BASE_ENV, **task.env},
+            inputs=tuple(mounts),
+            outputs=task.outputs,
+            staging_dir=str(staging),
+            stdout_path=str(self.logs / f"{task.name}.stdout"),
+            stderr_path=str(self.logs / f"{task.name}.stderr"),
+            network=Network(task.network),
+            timeout=task.timeout_s,
+        )
+
+    def finish(self, task: TaskDef, result: SandboxResult) -> TaskResult:
+        staging = self.tmp / task.name
+        logs = (str(self.logs / f"{task.name}.stdout"), str(self.logs / f"{task.name}.stderr"))
+        try:
+            if result.status is Status.SUCCEEDED:
+                try:
+                    for out in result.outputs:
+                        self._promote(out.staged, out.path)
+                except OutputError as exc:
+                    return TaskResult(
+                        task.name,
+                        Outcome.FAILED,
+                        "output-failed",
+                        result.exit_code,
+                        result.duration_s,
+                        exc.message,
+                        None,
+                        logs,
+                    )
+                return TaskResult(
+                    task.name,
+                    Outcome.SUCCEEDED,
+                    result.status.value,
+                    result.exit_code,
+                    result.duration_s,
+                    None,
+                    None,
+                    logs,
+                )
+            outcome = Outcome.CANCELLED if result.status is Status.CANCELLED else Outcome.FAILED
+            tail = None if outcome is Outcome.CANCELLED else _tail(logs[1])
+            return TaskResult(
+                task.name,
+                outcome,
+                result.status.value,
+                result.exit_code,
+                result.duration_s,
+                result.message,
+                tail,
+                logs,
+            )
+        finally:
+            _remove(staging)
+
+    def _promote(self, staged: str, declared: str) -> None:
+        """Move one output into the project, replacing what was there in one
+        rename (a directory is swapped with renameat2(RENAME_EXCHANGE))."""
+        rel = declared.rstrip("/")
+        dest = self.root / rel
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if declared.endswith("/") and dest.is_dir() and not dest.is_symlink():
+                _exchange(staged, str(dest))
+                _remove(Path(staged))
+            else:
+                if dest.is_dir() and not dest.is_symlink():
+                    _remove(dest)
+                os.rename(staged, dest)
+        except OSError as exc:
+            raise OutputError(
+                f'cannot write output "{declared}" into the project: {exc.strerror}'
+            ) from exc
+
+    def cleanup(self) -> None:
+        _remove(self.tmp)
+
+
+def _exchange(a: str, b: str) -> None:
+    res = _libc.renameat2(-100, os.fsencode(a), -100, os.fsencode(b), _RENAME_EXCHANGE)
+    if res != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), b)
+
+
+def _remove(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def _tail(path: str) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 8192))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    lines = text.splitlines()[-STDERR_TAIL_LINES:]
+    return "\n".join(lines) if lines else None
+
+
+@contextlib.contextmanager
+def project_lock(state_dir: Path) -> Iterator[None]:
+    """Hold the project's run lock; sweep staging folders a crashed run left."""
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(state_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise HitzError(
+            f"cannot create the state folder `{state_dir}`: {exc.strerror}",
+            hint="hitz keeps logs and temporary files in .hitz/ next to the manifest; "
+            "make that folder writable",
+        ) from exc
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+            raise HitzError(
+                f"another hitz run is using this project (`{state_dir}/lock` is held)",
+                hint="wait for it to finish, or stop it",
+            ) from exc
+        _remove(state_dir / "tmp")  # we hold the lock: anything in tmp/ is stale
+        yield
+    finally:
+        os.close(fd)
+
+
+def state_dir_for(manifest: Manifest) -> Path:
+    return manifest.root / STATE_DIR

@@ -1,0 +1,1 @@
+"""Small in-memory fakes that stand in for hitz's seams in unit tests."""

@@ -1,0 +1,323 @@
+"""The scheduler against a recording fake backend and a manual clock.
+
+Nothing here sleeps or measures real time: every task "takes" fake seconds
+(1 unless told otherwise) and the backend jumps the clock to the next end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from hitz.executor.errors import HitzError, OutputError
+from hitz.executor.events import Outcome, RunSummary, TaskResult
+from hitz.executor.model import Manifest, TaskDef
+from hitz.executor.planner import plan
+from hitz.executor.scheduler import Scheduler
+from hitz.sandbox.spec import SandboxResult, SandboxSpec, Status
+
+from tests.fakes.backend import FakeBackend
+
+
+def task(name: str, *deps: str) -> TaskDef:
+    return TaskDef(name=name, argv=("true",), deps=deps)
+
+
+def manifest(*tasks: TaskDef) -> Manifest:
+    return Manifest(
+        path=Path("/project/hitz.toml"),
+        display_path="hitz.toml",
+        root=Path("/project"),
+        project="project",
+        tasks={t.name: t for t in tasks},
+    )
+
+
+def prepare(task: TaskDef) -> SandboxSpec:
+    return SandboxSpec(
+        task=task.name,
+        argv=task.argv,
+        env={},
+        inputs=(),
+        outputs=(),
+        staging_dir=f"/stage/{task.name}",
+        stdout_path=f"/logs/{task.name}.stdout",
+        stderr_path=f"/logs/{task.name}.stderr",
+    )
+
+
+_OUTCOMES = {Status.SUCCEEDED: Outcome.SUCCEEDED, Status.CANCELLED: Outcome.CANCELLED}
+
+
+@dataclass
+class Finisher:
+    """A ``finish`` callback that records which results it was given."""
+
+    finished: list[str] = field(default_factory=list)
+
+    def __call__(self, task: TaskDef, result: SandboxResult) -> TaskResult:
+        self.finished.append(task.name)
+        return TaskResult(
+            name=task.name,
+            outcome=_OUTCOMES.get(result.status, Outcome.FAILED),
+            status=result.status.value,
+            exit_code=result.exit_code,
+            duration_s=result.duration_s,
+            message=result.message,
+        )
+
+
+@dataclass
+class Recorder:
+    """A ``RunObserver`` that writes down every event."""
+
+    events: list[tuple[str, ...]] = field(default_factory=list)
+
+    def task_planned(self, name: str, priority: float) -> None:
+        self.events.append(("planned", name, str(priority)))
+
+    def task_started(self, name: str) -> None:
+        self.events.append(("started", name))
+
+    def task_finished(self, result: TaskResult) -> None:
+        self.events.append(("finished", result.name, result.outcome.value))
+
+    def run_finished(self, summary: RunSummary) -> None:
+        self.events.append(("run_finished", str(summary.interrupted)))
+
+
+@dataclass
+class Run:
+    summary: RunSummary
+    backend: FakeBackend
+    recorder: Recorder
+    finisher: Finisher
+
+    def outcome(self, name: str) -> Outcome:
+        return self.result(name).outcome
+
+    def result(self, name: str) -> TaskResult:
+        return next(r for r in self.summary.results if r.name == name)
+
+
+def run(
+    tasks: list[TaskDef],
+    backend: FakeBackend | None = None,
+    *,
+    jobs: int = 4,
+    keep_going: bool = False,
+    history: Mapping[str, float] | None = None,
+    prepare: Callable[[TaskDef], SandboxSpec] = prepare,
+) -> Run:
+    backend = backend or FakeBackend()
+    recorder, finisher = Recorder(), Finisher()
+    summary = Scheduler(
+        plan(manifest(*tasks), history=history),
+        backend,
+        prepare=prepare,
+        finish=finisher,
+        observers=[recorder],
+        jobs=jobs,
+        keep_going=keep_going,
+        clock=backend.clock,
+        project="project",
+    ).run()
+    return Run(summary, backend, recorder, finisher)
+
+
+# compile (3) -> link (2) -> test (1); lint (1) stands alone, declared first.
+BUILD = [task("lint"), task("compile"), task("link", "compile"), task("test", "link")]
+
+
+# Order and concurrency
+
+
+def test_one_job_starts_the_highest_priority_ready_task_first() -> None:
+    # Ties (lint and test, priority 1) go to the task declared first.
+    assert run(BUILD, jobs=1).backend.started == ["compile", "link", "lint", "test"]
+
+
+def test_recorded_durations_change_the_order() -> None:
+    started = run(BUILD, jobs=1, history={"lint": 10.0}).backend.started
+    assert started == ["lint", "compile", "link", "test"]
+
+
+def test_tasks_are_planned_in_priority_order() -> None:
+    planned = [e[1:] for e in run(BUILD).recorder.events if e[0] == "planned"]
+    assert planned == [("compile", "3.0"), ("link", "2.0"), ("lint", "1.0"), ("test", "1.0")]
+
+
+def test_never_more_than_jobs_tasks_at_once() -> None:
+    tasks = [task(f"t{i}") for i in range(10)]
+    finished = run(tasks, jobs=3)
+    assert finished.backend.max_running == 3
+    assert finished.summary.ok
+    assert finished.summary.duration_s == 4.0  # 10 one-second tasks, 3 at a time
+
+
+def test_a_task_starts_only_after_its_dependencies_succeed() -> None:
+    backend = FakeBackend().take("compile", 5.0)
+    finished = run(BUILD, backend, jobs=4)
+    assert finished.backend.started == ["compile", "lint", "link", "test"]
+    assert finished.summary.duration_s == 7.0  # compile 5 + link 1 + test 1
+    assert finished.backend.max_running == 2
+
+
+def test_observers_receive_events_in_order() -> None:
+    events = run([task("a"), task("b", "a")], jobs=2).recorder.events
+    assert events == [
+        ("planned", "a", "2.0"),
+        ("planned", "b", "1.0"),
+        ("started", "a"),
+        ("finished", "a", "succeeded"),
+        ("started", "b"),
+        ("finished", "b", "succeeded"),
+        ("run_finished", "False"),
+    ]
+
+
+def test_summary_lists_results_in_plan_order_with_counts() -> None:
+    summary = run(BUILD).summary
+    assert [r.name for r in summary.results] == ["lint", "compile", "link", "test"]
+    assert summary.counts == {"succeeded": 4, "failed": 0, "skipped": 0, "cancelled": 0}
+    assert summary.project == "project"
+    assert summary.ok
+
+
+def test_jobs_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        Scheduler(
+            plan(manifest(task("a"))), FakeBackend(), prepare=prepare, finish=Finisher(), jobs=0
+        )
+
+
+# Failure
+
+
+def test_fail_fast_lets_running_tasks_finish_and_cancels_the_rest() -> None:
+    backend = FakeBackend().fail("a").take("b", 5.0)
+    finished = run([task("a"), task("b"), task("c"), task("d", "a")], backend, jobs=2)
+    assert backend.started == ["a", "b"]
+    assert finished.outcome("a") is Outcome.FAILED
+    assert finished.outcome("b") is Outcome.SUCCEEDED
+    assert finished.outcome("c") is Outcome.CANCELLED
+    assert finished.result("c").message == 'not started because ":a" failed'
+    assert finished.outcome("d") is Outcome.CANCELLED
+    assert finished.summary.duration_s == 5.0
+    assert not finished.summary.ok
+    assert not finished.summary.interrupted
+
+
+def test_keep_going_skips_only_what_needs_the_failure() -> None:
+    backend = FakeBackend().fail("gen", exit_code=2)
+    tasks = [task("gen"), task("compile", "gen"), task("link", "compile"), task("lint")]
+    finished = run(tasks, backend, jobs=1, keep_going=True)
+    assert backend.started == ["gen", "lint"]
+    assert finished.result("gen").exit_code == 2
+    for name in ("compile", "link"):
+        assert finished.outcome(name) is Outcome.SKIPPED
+        assert finished.result(name).message == 'dependency ":gen" failed'
+        assert finished.result(name).status == "skipped"
+    assert finished.outcome("lint") is Outcome.SUCCEEDED
+    assert finished.summary.counts == {"succeeded": 1, "failed": 1, "skipped": 2, "cancelled": 0}
+
+
+def test_prepare_error_fails_the_task_without_reaching_the_backend() -> None:
+    def prepare_or_fail(task: TaskDef) -> SandboxSpec:
+        if task.name == "bad":
+            raise HitzError('can\'t expose input "src/gen" to task ":bad": path does not exist')
+        return prepare(task)
+
+    finished = run(
+        [task("bad"), task("good"), task("after", "bad")],
+        jobs=1,
+        keep_going=True,
+        prepare=prepare_or_fail,
+    )
+    bad = finished.result("bad")
+    assert bad.outcome is Outcome.FAILED
+    assert bad.status == "setup-failed"
+    assert bad.exit_code is None
+    assert bad.message == 'can\'t expose input "src/gen" to task ":bad": path does not exist'
+    assert finished.backend.started == ["good"]
+    assert finished.outcome("after") is Outcome.SKIPPED
+    assert "bad" not in finished.finisher.finished
+
+
+def test_finish_error_fails_the_task() -> None:
+    def finish(task: TaskDef, result: SandboxResult) -> TaskResult:
+        raise OutputError('output "dist/app" was not created')
+
+    summary = Scheduler(
+        plan(manifest(task("a"))), FakeBackend(), prepare=prepare, finish=finish
+    ).run()
+    (result,) = summary.results
+    assert result.outcome is Outcome.FAILED
+    assert result.status == "succeeded"  # what the sandbox said
+    assert result.message == 'output "dist/app" was not created'
+
+
+# Interruption
+
+
+def test_ctrl_c_cancels_running_tasks_and_finishes_each_of_them() -> None:
+    backend = FakeBackend(interrupt_on_wait={1})
+    finished = run([task("a"), task("b"), task("c"), task("d")], backend, jobs=2)
+    assert backend.cancel_calls == 1
+    assert backend.running() == 0
+    assert finished.finisher.finished == ["a", "b"]  # their temp folders get removed
+    assert finished.summary.interrupted
+    assert not finished.summary.ok
+    assert [r.outcome for r in finished.summary.results] == [Outcome.CANCELLED] * 4
+    assert finished.result("c").message == "not started: the run was interrupted"
+    assert finished.recorder.events[-1] == ("run_finished", "True")
+    assert [e for e in finished.recorder.events if e[0] == "run_finished"] == [
+        ("run_finished", "True")
+    ]
+
+
+def test_a_second_ctrl_c_does_not_abandon_the_drain() -> None:
+    backend = FakeBackend(interrupt_on_wait={2, 3})
+    finished = run([task("a"), task("b", "a"), task("c", "a")], backend, jobs=2)
+    assert finished.outcome("a") is Outcome.SUCCEEDED
+    assert backend.running() == 0
+    assert finished.finisher.finished == ["a", "b", "c"]
+    assert finished.summary.interrupted
+    assert finished.summary.counts == {"succeeded": 1, "failed": 0, "skipped": 0, "cancelled": 2}
+
+
+def test_ctrl_c_with_keep_going_cancels_rather_than_skips() -> None:
+    backend = FakeBackend(interrupt_on_wait={1})
+    finished = run([task("a"), task("b", "a")], backend, keep_going=True)
+    assert finished.outcome("b") is Outcome.CANCELLED
+    assert finished.result("b").message == "not started: the run was interrupted"
+
+
+def test_ctrl_c_inside_an_observer_stops_the_run() -> None:
+    class InterruptOnStart(Recorder):
+        def task_started(self, name: str) -> None:
+            super().task_started(name)
+            if name == "b":
+                raise KeyboardInterrupt
+
+    backend = FakeBackend()
+    recorder = InterruptOnStart()
+    summary = Scheduler(
+        plan(manifest(task("a"), task("b"), task("c"))),
+        backend,
+        prepare=prepare,
+        finish=Finisher(),
+        observers=[recorder],
+        jobs=1,
+        clock=backend.clock,
+    ).run()
+    assert summary.interrupted
+    assert backend.started == ["a"]
+    assert [r.outcome for r in summary.results] == [
+        Outcome.SUCCEEDED,
+        Outcome.CANCELLED,
+        Outcome.CANCELLED,
+    ]
+    assert summary.results[1].message == "stopped: the run was interrupted"
