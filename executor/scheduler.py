@@ -119,12 +119,42 @@ class Scheduler:
             if count == 0:
                 heapq.heappush(self._ready, self._ready_key(name))
         while True:
-            while self._ready and len(self._running) < self._jobs and not self._stopping:
-                self._start(heapq.heappop(self._ready)[2])
+            self._fill()
             if not self._running:
                 return
             self._ended.extend(self._backend.wait())
+            # Keep the slots busy: when every task that just ended succeeded,
+            # start what is already ready before the slower work of finishing
+            # them (moving outputs); a failure must be seen first (fail-fast).
+            if self._may_start_early():
+                self._fill()
             self._finish_ended()
+
+    def _may_start_early(self) -> bool:
+        """May ready tasks start before the ended ones are finished? Only if
+        they all succeeded (a failure stops new starts) and finishing them
+        releases no task that outranks the best one ready now."""
+        if not self._ready or not all(e.status is Status.SUCCEEDED for e in self._ended):
+            return False
+        best = self._ready[0]
+        released: dict[str, int] = {}
+        for ended in self._ended:
+            for dep in self._plan.dependents.get(ended.task, ()):
+                released[dep] = released.get(dep, 0) + 1
+        return not any(
+            self._waiting_on[name] == count and self._ready_key(name) < best
+            for name, count in released.items()
+        )
+
+    def _fill(self) -> None:
+        """Start ready tasks, highest priority first, while slots are free.
+        A task that ended but is not finished yet no longer holds a slot."""
+        while (
+            self._ready
+            and len(self._running) - len(self._ended) < self._jobs
+            and not self._stopping
+        ):
+            self._start(heapq.heappop(self._ready)[2])
 
     def _drain(self) -> None:
         """After Ctrl-C: cancel the running tasks and finish each of them.

@@ -25,172 +25,186 @@ its guarantees; tests/security has a probe for each):
 - On timeout the whole process tree gets SIGTERM, then SIGKILL after the
   grace period; when the task exits, everything it left behind is killed
   (pid namespace); the sandbox dies with hitz (PR_SET_PDEATHSIG).
+
+How: ``plan.py`` turns a spec into a list of operations (pure, printable
+with ``hitz sandbox explain``); ``launcher.c``, a small static program built
+once per machine (``build.py``), is started per task with posix_spawn and
+applies them. ``NamespaceBackend`` below runs many launchers at once from a
+single-threaded event loop, enforces deadlines and collects outputs.
 """
 
 from __future__ import annotations
 
 import errno
-import json
 import os
-import select
-import shutil
+import selectors
 import signal
-import socket
-import struct
-import subprocess
-import sys
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
-from hitz.sandbox.errors import SandboxError, SandboxErrorReason, SandboxUnavailable
-from hitz.sandbox.namespace.ops import encode
+from hitz.sandbox.errors import SandboxError, SandboxErrorReason
+from hitz.sandbox.namespace.build import launcher_path
+from hitz.sandbox.namespace.ops import BindReadOnly, Op, flatten
 from hitz.sandbox.namespace.plan import HostLayout, base_ops, work_ops, writable_roots
-from hitz.sandbox.namespace.userns import SANDBOX_HOST_ID
 from hitz.sandbox.outputs import OutputRejected, collect
 from hitz.sandbox.spec import SandboxResult, SandboxSpec, Status, Usage
 
-_HEADER = struct.Struct(">I")
+# The host uid/gid that a task's root maps to when hitz runs as root.
+SANDBOX_HOST_ID = 65534
 
 # errno of a failed mount step -> what it means in the user's terms.
 _MOUNT_HINTS = {
-    errno.ENOSPC: "the kernel's mount limit was reached (fs.mount-max), not the disk",
-    errno.ENOENT: "a path that was there when the task was planned has gone",
-    errno.EACCES: "the sandbox user cannot read it; make it world-readable",
-    errno.EPERM: "the kernel refused the mount; see `hitz doctor`",
+    errno.ENOSPC: "the kernel's mount limit was reached (fs.mount-max), not a full disk",
+    errno.ENOENT: "it was there when the run was planned and has gone since",
+    errno.EACCES: "the sandbox's user cannot read it; make it world-readable",
+    errno.EPERM: "the kernel refused the mount",
 }
+_LOW_FDS = 10  # our copies of the fds handed to a launcher live above 0-4
 
 
 @dataclass
-class _Running:
+class _Launch:
     spec: SandboxSpec
+    ops: list[Op]
+    pid: int
+    pidfd: int
+    report_r: int
+    started: float
+    deadline: float
+    killed_at: float | None = None
+    timed_out: bool = False
+    cancelled: bool = False
+    buf: bytes = b""
+    reports: list[str] = field(default_factory=list)
+    eof: bool = False
+    exit: tuple[int, Any] | None = None  # (wait status, rusage) once reaped
 
 
 class NamespaceBackend:
-    """Runs specs through the launcher helper (see ``zygote``)."""
+    """Runs specs as launcher processes; see the module docstring."""
 
     name = "namespace"
 
     def __init__(self) -> None:
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._sock: socket.socket | None = None
-        self._buf = b""
-        self._running: dict[int, _Running] = {}
-        self._next_id = 0
-        self._base: dict[str, list[list[Any]]] = {}  # encoded base ops by network
+        self._launcher: str | None = None
         self._host_root = os.geteuid() == 0
+        self._sel = selectors.DefaultSelector()
+        self._running: dict[int, _Launch] = {}  # by launcher pid
+        self._base: dict[str, tuple[list[Op], bytes]] = {}  # by network
+        self._devnull = -1
 
-    # --- the helper -------------------------------------------------------
-    def _ensure_helper(self) -> socket.socket:
-        if self._sock is not None:
-            return self._sock
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    # --- SandboxBackend ---------------------------------------------------
+    def start(self, spec: SandboxSpec) -> None:
+        if self._launcher is None:
+            self._launcher = launcher_path()
+            self._devnull = _high(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+        self._prepare_staging(spec)
+        base, base_bytes = self._base_for(spec)
+        ops = work_ops(spec)
+        plan = os.memfd_create("hitz-plan", os.MFD_CLOEXEC)
+        report_r, report_w = os.pipe2(os.O_CLOEXEC)
+        fds = [_high(fd) for fd in (
+            plan,
+            os.open(spec.stdout_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                    0o644),
+            os.open(spec.stderr_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                    0o644),
+            report_w,
+        )]
+        plan, out, err, report_w = fds
         try:
-            self._proc = subprocess.Popen(
-                [sys.executable, "-m", "hitz.sandbox.namespace.zygote",
-                 str(theirs.fileno()), str(os.getpid())],
-                pass_fds=[theirs.fileno()],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                start_new_session=True,  # the terminal's Ctrl-C is hitz's to handle
+            os.write(plan, self._header(spec, len(base) + len(ops)) + base_bytes
+                     + _join(flatten(ops)))
+            pid = os.posix_spawn(
+                self._launcher, ["hitz-launch", str(os.getpid())], {},
+                file_actions=[
+                    (os.POSIX_SPAWN_DUP2, self._devnull, 0),
+                    (os.POSIX_SPAWN_DUP2, out, 1),
+                    (os.POSIX_SPAWN_DUP2, err, 2),
+                    (os.POSIX_SPAWN_DUP2, plan, 3),
+                    (os.POSIX_SPAWN_DUP2, report_w, 4),
+                ],
+                # Its own session: the terminal's Ctrl-C is hitz's to handle.
+                setsid=True,
             )
         except OSError as exc:
-            ours.close()
+            os.close(report_r)
             raise SandboxError(
-                f"cannot start the sandbox launcher: {exc.strerror}",
+                f"cannot start the sandbox launcher `{self._launcher}`: {exc.strerror}",
                 reason=SandboxErrorReason.HELPER_DIED,
             ) from exc
         finally:
-            theirs.close()
-        self._sock = ours
-        ready = self._recv(timeout=30.0)
-        if not ready or ready[0].get("ev") != "ready":
-            raise SandboxError(
-                "the sandbox launcher did not start", reason=SandboxErrorReason.HELPER_DIED
-            )
-        if not ready[0]["ok"]:
-            self.close()
-            raise SandboxUnavailable(
-                f"this host cannot create the namespaces a sandbox needs: {ready[0]['text']}",
-                hint=_unavailable_hint(),
-            )
-        return ours
-
-    def _send(self, msg: dict[str, Any]) -> None:
-        data = json.dumps(msg).encode()
-        assert self._sock is not None
-        self._sock.sendall(_HEADER.pack(len(data)) + data)
-
-    def _recv(self, timeout: float | None) -> list[dict[str, Any]]:
-        assert self._sock is not None
-        msgs = self._parse()
-        if msgs:
-            return msgs
-        ready, _, _ = select.select([self._sock], [], [], timeout)
-        if not ready:
-            return []
-        chunk = self._sock.recv(1 << 20)
-        if not chunk:
-            raise SandboxError(
-                "the sandbox launcher exited unexpectedly",
-                reason=SandboxErrorReason.HELPER_DIED,
-            )
-        self._buf += chunk
-        return self._parse()
-
-    def _parse(self) -> list[dict[str, Any]]:
-        msgs = []
-        while len(self._buf) >= 4:
-            (size,) = _HEADER.unpack_from(self._buf)
-            if len(self._buf) < 4 + size:
-                break
-            msgs.append(json.loads(self._buf[4 : 4 + size]))
-            self._buf = self._buf[4 + size :]
-        return msgs
-
-    # --- SandboxBackend -----------------------------------------------------
-    def start(self, spec: SandboxSpec) -> None:
-        self._ensure_helper()
-        base = self._base.get(spec.network.value)
-        if base is None:
-            base = self._base[spec.network.value] = encode(
-                base_ops(HostLayout.probe(), spec.network)
-            )
-        self._prepare_staging(spec)
-        self._next_id += 1
-        self._running[self._next_id] = _Running(spec)
-        self._send({
-            "op": "start", "id": self._next_id,
-            "ops": base + encode(work_ops(spec)),
-            "argv": list(spec.argv), "env": dict(spec.env), "cwd": spec.cwd,
-            "stdout": spec.stdout_path, "stderr": spec.stderr_path,
-            "network": spec.network.value, "timeout": spec.timeout, "grace": spec.kill_grace,
-        })
+            for fd in fds:
+                os.close(fd)
+        now = time.monotonic()
+        launch = _Launch(spec, [*base, *ops], pid, os.pidfd_open(pid), report_r, now,
+                         now + spec.timeout)
+        os.set_blocking(report_r, False)
+        self._running[pid] = launch
+        self._sel.register(report_r, selectors.EVENT_READ, (launch, "report"))
+        self._sel.register(launch.pidfd, selectors.EVENT_READ, (launch, "exit"))
 
     def wait(self, timeout: float | None = None) -> list[SandboxResult]:
-        if not self._running:
-            return []
-        return [self._result(msg) for msg in self._recv(timeout) if msg.get("ev") == "exit"]
+        results: list[SandboxResult] = []
+        end = None if timeout is None else time.monotonic() + timeout
+        while self._running and not results:
+            pause = self._enforce_deadlines()
+            if end is not None:
+                left = max(0.0, end - time.monotonic())
+                pause = left if pause is None else min(pause, left)
+            for key, _ in self._sel.select(pause):
+                launch, what = key.data
+                if what == "report":
+                    self._read_reports(launch)
+                else:
+                    self._reap(launch)
+                if launch.eof and launch.exit is not None and launch.pid in self._running:
+                    del self._running[launch.pid]
+                    results.append(self._result(launch))
+            if end is not None and time.monotonic() >= end:
+                break
+        return results
 
     def running(self) -> int:
         return len(self._running)
 
     def cancel_all(self) -> None:
-        if self._sock is not None and self._running:
-            self._send({"op": "cancel"})
+        for launch in self._running.values():
+            launch.cancelled = True
+            self._kill(launch, signal.SIGKILL)
 
     def close(self) -> None:
-        if self._sock is not None:
-            self._sock.close()  # the helper kills whatever still runs, then exits
-            self._sock = None
-        if self._proc is not None:
-            try:
-                self._proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-            self._proc = None
+        """Kill whatever still runs and wait for it: nothing outlives us."""
+        self.cancel_all()
+        while self._running:
+            self.wait(1.0)
+        if self._devnull >= 0:
+            os.close(self._devnull)
+            self._devnull = -1
+        self._sel.close()
 
-    # --- per task -------------------------------------------------------------
+    # --- launches ----------------------------------------------------------
+    def _base_for(self, spec: SandboxSpec) -> tuple[list[Op], bytes]:
+        cached = self._base.get(spec.network.value)
+        if cached is None:
+            ops = base_ops(HostLayout.probe(), spec.network)
+            cached = self._base[spec.network.value] = (ops, _join(flatten(ops)))
+        return cached
+
+    def _header(self, spec: SandboxSpec, op_count: int) -> bytes:
+        env = [f"{key}={value}" for key, value in spec.env.items()]
+        return _join([
+            "hitz-launch/1",
+            "1" if self._host_root else "0",
+            str(SANDBOX_HOST_ID if self._host_root else 0),
+            spec.network.value,
+            spec.cwd,
+            str(len(spec.argv)), *spec.argv,
+            str(len(env)), *env,
+            str(op_count),
+        ])
+
     def _prepare_staging(self, spec: SandboxSpec) -> None:
         """Create every writable folder the task's outputs need, owned by the
         uid the task runs as."""
@@ -203,30 +217,81 @@ class NamespaceBackend:
             if self._host_root:
                 os.chown(folder, SANDBOX_HOST_ID, SANDBOX_HOST_ID)
 
-    def _result(self, msg: dict[str, Any]) -> SandboxResult:
-        spec = self._running.pop(msg["id"]).spec
-        reports = [(line[0], json.loads(line[2:])) for line in msg["reports"] if len(line) > 2]
-        errors = [payload for kind, payload in reports if kind == "E"]
-        exits = [payload for kind, payload in reports if kind == "X"]
-        utime, stime, maxrss = msg["usage"]
-        base = {"task": spec.task, "duration_s": msg["duration"],
-                "usage": Usage(utime, stime, int(maxrss))}
+    def _read_reports(self, launch: _Launch) -> None:
+        try:
+            chunk = os.read(launch.report_r, 65536)
+        except BlockingIOError:
+            return
+        if chunk:
+            launch.buf += chunk
+            *lines, launch.buf = launch.buf.split(b"\n")
+            launch.reports += [line.decode(errors="replace") for line in lines]
+            return
+        launch.eof = True
+        self._sel.unregister(launch.report_r)
+        os.close(launch.report_r)
+
+    def _reap(self, launch: _Launch) -> None:
+        _, status, usage = os.wait4(launch.pid, 0)
+        launch.exit = (status, usage)
+        self._sel.unregister(launch.pidfd)
+        os.close(launch.pidfd)
+
+    def _kill(self, launch: _Launch, sig: int) -> None:
+        if launch.exit is None:
+            signal.pidfd_send_signal(launch.pidfd, sig)
+
+    def _enforce_deadlines(self) -> float | None:
+        """SIGTERM launches past their deadline (the launcher and init forward
+        it to every process of the sandbox), SIGKILL them after the grace
+        period (init dies with its launcher, and the pid namespace with
+        init). Returns seconds until the next deadline."""
+        now = time.monotonic()
+        nxt: float | None = None
+        for launch in self._running.values():
+            if launch.exit is not None:
+                continue
+            if launch.killed_at is None and now >= launch.deadline:
+                launch.timed_out = True
+                launch.killed_at = now
+                self._kill(launch, signal.SIGTERM)
+            if launch.killed_at is not None:
+                due = launch.killed_at + launch.spec.kill_grace
+                if now >= due:
+                    self._kill(launch, signal.SIGKILL)
+                    due = now + 1.0  # keep prodding until it is reaped
+            else:
+                due = launch.deadline
+            nxt = due if nxt is None else min(nxt, due)
+        return None if nxt is None else max(0.0, nxt - now)
+
+    def _result(self, launch: _Launch) -> SandboxResult:
+        spec = launch.spec
+        assert launch.exit is not None
+        status, usage = launch.exit
+        errors = [line[2:] for line in launch.reports if line.startswith("E ")]
+        exits = [int(line[2:]) for line in launch.reports if line.startswith("X ")]
+        base: dict[str, Any] = {
+            "task": spec.task,
+            "duration_s": time.monotonic() - launch.started,
+            "usage": Usage(usage.ru_utime, usage.ru_stime, int(usage.ru_maxrss)),
+        }
         exit_code = os.waitstatus_to_exitcode(exits[0]) if exits else None
 
-        if msg["cancelled"]:
+        if launch.cancelled:
             return SandboxResult(status=Status.CANCELLED, exit_code=exit_code,
                                  message="cancelled", **base)
-        if msg["timed_out"]:
+        if launch.timed_out:
             return SandboxResult(status=Status.TIMED_OUT, exit_code=exit_code,
-                                 message=f"timed out after {_seconds(spec.timeout)}", **base)
-        for err in errors:
-            if err.get("step") == "exec":
-                return SandboxResult(
-                    status=Status.FAILED, exit_code=127,
-                    message=f"cannot run `{err['argv0']}`: {err['text']}", **base)
+                                 message=f"timed out after {spec.timeout:g}s", **base)
+        if errors and errors[0].startswith("exec "):
+            _, err, _, _text = errors[0].split(" ", 3)
+            return SandboxResult(status=Status.FAILED, exit_code=127,
+                                 message=f"cannot run `{spec.argv[0]}`: "
+                                 f"{os.strerror(int(err))}", **base)
         if errors or exit_code is None:
             return SandboxResult(status=Status.SETUP_FAILED, exit_code=None,
-                                 message=_explain_setup(spec, errors), **base)
+                                 message=_explain_setup(launch, errors, status), **base)
         if exit_code != 0:
             return SandboxResult(status=Status.FAILED, exit_code=exit_code,
                                  message=_explain_exit(exit_code), **base)
@@ -238,8 +303,20 @@ class NamespaceBackend:
         return SandboxResult(status=Status.SUCCEEDED, exit_code=0, outputs=outputs, **base)
 
 
-def _seconds(value: float) -> str:
-    return f"{value:g}s"
+def _high(fd: int) -> int:
+    """Move ``fd`` above the launcher's fds 0-4, so the dup2 file actions
+    can never overwrite a source before it is used."""
+    if fd >= _LOW_FDS:
+        return fd
+    import fcntl
+
+    moved = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, _LOW_FDS)
+    os.close(fd)
+    return moved
+
+
+def _join(fields: list[str]) -> bytes:
+    return "\0".join(fields).encode() + b"\0"
 
 
 def _explain_exit(code: int) -> str:
@@ -252,26 +329,20 @@ def _explain_exit(code: int) -> str:
     return f"exited with status {code}"
 
 
-def _explain_setup(spec: SandboxSpec, errors: list[dict[str, Any]]) -> str:
+def _explain_setup(launch: _Launch, errors: list[str], status: int) -> str:
+    """Restate a failed setup step in the user's terms (STYLE 6)."""
+    task = f"`:{launch.spec.task}`"
     if not errors:
-        return f"the sandbox for task `:{spec.task}` ended before the task started"
-    err = errors[0]
-    code = err.get("errno")
-    hint = _MOUNT_HINTS.get(code) if isinstance(code, int) else None
-    what = f"can't set up the sandbox for task `:{spec.task}`: {err.get('text')}"
+        return (f"the sandbox of task {task} ended before the task started "
+                f"(launcher {_explain_exit(os.waitstatus_to_exitcode(status))})")
+    step, err_text, index_text, text = ([*errors[0].split(" ", 3), "", "", ""])[:4]
+    err = int(err_text) if err_text.lstrip("-").isdigit() else 0
+    index = int(index_text) if index_text.lstrip("-").isdigit() else -1
+    hint = _MOUNT_HINTS.get(err)
+    op = launch.ops[index] if 0 <= index < len(launch.ops) else None
+    if isinstance(op, BindReadOnly) and op.path.startswith(launch.spec.cwd + "/"):
+        rel = op.path[len(launch.spec.cwd) + 1:]
+        what = f'can\'t expose input "{rel}" to task {task}: {os.strerror(err)}'
+    else:
+        what = f"can't set up the sandbox of task {task}: {step}: {text}"
     return f"{what} ({hint})" if hint else what
-
-
-def _unavailable_hint() -> str:
-    if os.geteuid() != 0:
-        return (
-            "unprivileged user namespaces look disabled; enable them with "
-            "`sysctl kernel.unprivileged_userns_clone=1` (Debian) or "
-            "`sysctl user.max_user_namespaces=15000`, or run hitz as root"
-        )
-    return "run `hitz doctor` to see which kernel feature is missing"
-
-
-def remove_tree(path: str) -> None:
-    """Remove a staging folder, including read-only leftovers."""
-    shutil.rmtree(path, ignore_errors=True)

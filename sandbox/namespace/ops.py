@@ -1,10 +1,11 @@
 """The operations a namespace sandbox is built from.
 
 ``plan.build_ops`` turns a ``SandboxSpec`` into an ordered list of these;
-``mounts.apply`` executes them, one case and (mostly) one syscall per
-operation. Paths are sandbox paths, absolute; ``source`` of a bind is a host
-path. The list is plain data: printable (``hitz sandbox explain``), testable
-without a kernel, and sent to the launcher helper as JSON.
+the launcher (``launcher.c``, ``apply_ops``) executes them, one case and one
+syscall per operation. Paths are sandbox paths, absolute; ``source`` of a
+bind is a host path. The list is plain data: printable (``hitz sandbox
+explain``), testable without a kernel, and sent to the launcher as
+NUL-separated fields (``flatten``).
 """
 
 from __future__ import annotations
@@ -121,6 +122,11 @@ def encode(ops: list[Op]) -> list[list[Any]]:
 
 def decode(raw: list[list[Any]]) -> list[Op]:
     return [_KINDS[kind](*fields) for kind, *fields in raw]
+
+
+def flatten(ops: list[Op]) -> list[str]:
+    """Ops as the launcher reads them: the kind, then each field, as strings."""
+    return [str(value) for op in encode(ops) for value in op]
 
 
 def describe(op: Op) -> str:

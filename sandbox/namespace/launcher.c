@@ -1,0 +1,447 @@
+/*
+ * hitz-launch: build one task's sandbox and run the task in it.
+ *
+ * hitz plans a sandbox in Python (sandbox/namespace/plan.py: a list of small
+ * operations) and starts this program once per task with posix_spawn, so the
+ * scheduler never forks its own large heap and no interpreter starts per
+ * task. This program only applies the plan: one case per operation, one
+ * syscall per step (STYLE 7). The guarantees it provides are listed in
+ * sandbox/namespace/__init__.py and docs/security-model.md.
+ *
+ * Built by hitz on first use (sandbox/namespace/build.py), static, from this
+ * file alone.
+ *
+ * On entry: fd 0 /dev/null, fd 1 and 2 the task's log files, fd 3 a memfd
+ * holding the plan, fd 4 the report pipe; argv[1] is hitz's pid.
+ *
+ * Processes:
+ *
+ *   launcher  host pid namespace. Creates the task's pid namespace (and, when
+ *     |       hitz is not root, the outer user namespace), writes the task's
+ *     |       id maps, forwards SIGTERM, waits.
+ *     +- init  pid 1 of the new pid namespace: creates the other namespaces,
+ *          |   builds the root, pivots, enters the task's own user
+ *          |   namespace, reaps orphans, forwards SIGTERM to every process.
+ *          +- task  new session, default signals, fds 0-2 only, exec.
+ *
+ * When init exits the kernel kills everything left in its pid namespace, so
+ * nothing outlives the task. PR_SET_PDEATHSIG chains the tree to hitz.
+ *
+ * Reports, one line each on fd 4:
+ *   E <step> <errno> <op index or -1> <text>   setup or exec failed
+ *   X <wait status>                            how the task ended
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <linux/mount.h>
+#include <net/if.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mount.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/statvfs.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#define PLAN_FD 3
+#define REPORT_FD 4
+#define SCRATCH "/tmp"
+
+static char **plan;        /* the plan's NUL-separated fields */
+static size_t plan_len, plan_pos;
+static const char *step = "launcher";
+static long op_index = -1;
+static pid_t child_pid;    /* the launcher's init, or init's task */
+
+/* ---- reporting ------------------------------------------------------- */
+
+static void report(const char *fmt, ...) {
+    char buf[4096];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(buf, sizeof buf - 1, fmt, ap);
+    va_end(ap);
+    if (n < 0) return;
+    if (n > (int)sizeof buf - 2) n = sizeof buf - 2;
+    buf[n++] = '\n';
+    ssize_t ignored = write(REPORT_FD, buf, n);
+    (void)ignored;
+}
+
+/* Report the failed step with errno and the operation being applied, then
+ * exit: hitz restates it in the user's terms (it knows which input op N
+ * exposes). */
+static void __attribute__((noreturn)) die(const char *what) {
+    int err = errno;
+    report("E %s %d %ld %s: %s", step, err, op_index, what, strerror(err));
+    _exit(125);
+}
+
+/* ---- the plan ---------------------------------------------------------- */
+
+static const char *next(void) {
+    if (plan_pos >= plan_len) {
+        errno = EINVAL;
+        die("truncated plan");
+    }
+    return plan[plan_pos++];
+}
+
+static long next_int(void) { return strtol(next(), NULL, 10); }
+
+static void read_plan(void) {
+    struct stat st;
+    if (fstat(PLAN_FD, &st) < 0) die("fstat plan");
+    char *buf = malloc(st.st_size + 1);
+    if (!buf) die("malloc");
+    size_t got = 0;
+    while (got < (size_t)st.st_size) {
+        ssize_t n = pread(PLAN_FD, buf + got, st.st_size - got, got);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) die("read plan");
+        got += n;
+    }
+    buf[got] = '\0';
+    close(PLAN_FD);
+    size_t count = 0;
+    for (size_t i = 0; i < got; i++) count += buf[i] == '\0';
+    plan = malloc((count + 1) * sizeof *plan);
+    if (!plan) die("malloc");
+    char *p = buf;
+    for (size_t i = 0; i < count; i++) {
+        plan[i] = p;
+        p += strlen(p) + 1;
+    }
+    plan_len = count;
+    if (plan_len == 0 || strcmp(plan[0], "hitz-launch/1") != 0) {
+        errno = EINVAL;
+        die("plan version");
+    }
+    plan_pos = 1;
+}
+
+/* ---- user namespaces (see userns.py for the two layers) ----------------- */
+
+static void write_file(const char *path, const char *text) {
+    int fd = open(path, O_WRONLY | O_CLOEXEC);
+    if (fd < 0) die(path);
+    if (write(fd, text, strlen(text)) < 0) die(path);
+    close(fd);
+}
+
+static void map_ids(pid_t pid, long outer_uid, long outer_gid) {
+    char path[64], text[64];
+    snprintf(text, sizeof text, "0 %ld 1", outer_uid);
+    snprintf(path, sizeof path, "/proc/%d/uid_map", pid);
+    write_file(path, text);
+    snprintf(text, sizeof text, "0 %ld 1", outer_gid);
+    snprintf(path, sizeof path, "/proc/%d/gid_map", pid);
+    write_file(path, text);
+}
+
+/* ---- mounts ---------------------------------------------------------------- */
+
+#define NEWROOT "/newroot"
+#define OLDROOT "/oldroot"
+
+static char *in(const char *prefix, const char *path) {
+    static char bufs[2][8192];
+    static int which;
+    char *buf = bufs[which ^= 1];
+    snprintf(buf, sizeof bufs[0], "%s%s", prefix, strcmp(path, "/") == 0 ? "" : path);
+    if (buf[0] == '\0') strcpy(buf, "/");
+    return buf;
+}
+
+static void make_read_only(const char *path, int recursive) {
+    /* mount_setattr (5.12+) flips only the read-only bit, on every submount
+     * of a recursive bind; older kernels need a remount restating the flags
+     * the mount has, since a user namespace may not clear locked flags
+     * (mount_namespaces(7)). */
+    struct mount_attr attr = {.attr_set = MOUNT_ATTR_RDONLY};
+    if (syscall(SYS_mount_setattr, AT_FDCWD, path, recursive ? AT_RECURSIVE : 0, &attr,
+                sizeof attr) == 0)
+        return;
+    if (errno != ENOSYS) die("mount_setattr");
+    struct statvfs sv;
+    if (statvfs(path, &sv) < 0) die("statvfs");
+    unsigned long keep = 0;
+    if (sv.f_flag & ST_NOSUID) keep |= MS_NOSUID;
+    if (sv.f_flag & ST_NODEV) keep |= MS_NODEV;
+    if (sv.f_flag & ST_NOEXEC) keep |= MS_NOEXEC;
+    if (sv.f_flag & ST_NOATIME) keep |= MS_NOATIME;
+    if (sv.f_flag & ST_NODIRATIME) keep |= MS_NODIRATIME;
+    if (sv.f_flag & ST_RELATIME) keep |= MS_RELATIME;
+    if (mount(NULL, path, NULL, MS_REMOUNT | MS_BIND | MS_RDONLY | keep, NULL) < 0)
+        die("remount read-only");
+}
+
+static void apply_ops(void) {
+    long count = next_int();
+    for (op_index = 0; op_index < count; op_index++) {
+        const char *kind = next();
+        if (strcmp(kind, "Tmpfs") == 0) {
+            const char *path = next();
+            long size = next_int(), mode = next_int();
+            char data[64];
+            if (size)
+                snprintf(data, sizeof data, "mode=%lo,size=%ld", mode, size);
+            else
+                snprintf(data, sizeof data, "mode=%lo", mode);
+            if (mount("tmpfs", in(NEWROOT, path), "tmpfs", MS_NOSUID | MS_NODEV, data) < 0)
+                die("mount tmpfs");
+        } else if (strcmp(kind, "MakeDir") == 0) {
+            const char *path = in(NEWROOT, next());
+            long mode = next_int();
+            if (mkdir(path, mode) < 0) {
+                if (errno != EEXIST) die("mkdir");
+            } else if ((mode & 07000) && chmod(path, mode) < 0) {
+                die("chmod"); /* mkdir applies the umask and drops the sticky bit */
+            }
+        } else if (strcmp(kind, "MakeFile") == 0) {
+            int fd = open(in(NEWROOT, next()), O_CREAT | O_WRONLY | O_CLOEXEC, 0644);
+            if (fd < 0) die("create mount point");
+            close(fd);
+        } else if (strcmp(kind, "WriteFile") == 0) {
+            const char *path = in(NEWROOT, next());
+            const char *content = next();
+            long mode = next_int();
+            int fd = open(path, O_CREAT | O_WRONLY | O_TRUNC | O_CLOEXEC, mode);
+            if (fd < 0 || write(fd, content, strlen(content)) < 0) die("write file");
+            close(fd);
+        } else if (strcmp(kind, "Symlink") == 0) {
+            const char *target = next();
+            if (symlink(target, in(NEWROOT, next())) < 0) die("symlink");
+        } else if (strcmp(kind, "BindReadOnly") == 0) {
+            const char *source = in(OLDROOT, next());
+            const char *path = in(NEWROOT, next());
+            if (mount(source, path, NULL, MS_BIND | MS_REC, NULL) < 0) die("bind");
+            make_read_only(path, 1);
+        } else if (strcmp(kind, "BindWritable") == 0 || strcmp(kind, "BindDevice") == 0) {
+            const char *source = in(OLDROOT, next());
+            if (mount(source, in(NEWROOT, next()), NULL, MS_BIND, NULL) < 0) die("bind");
+        } else if (strcmp(kind, "MountProc") == 0) {
+            if (mount("proc", in(NEWROOT, next()), "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                      NULL) < 0)
+                die("mount proc");
+        } else if (strcmp(kind, "ReadOnlySubtree") == 0) {
+            const char *path = in(NEWROOT, next());
+            if (mount(path, path, NULL, MS_BIND | MS_REC, NULL) < 0) die("bind");
+            make_read_only(path, 1);
+        } else if (strcmp(kind, "RemountReadOnly") == 0) {
+            make_read_only(in(NEWROOT, next()), 0);
+        } else {
+            errno = EINVAL;
+            die(kind);
+        }
+    }
+    op_index = -1;
+}
+
+/* ---- network ------------------------------------------------------------- */
+
+/* A new network namespace's loopback is down: bring it up so a task can talk
+ * to itself on 127.0.0.1. Nothing else exists in the namespace. */
+static void loopback_up(void) {
+    int sock = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (sock < 0) die("socket");
+    struct ifreq req = {0};
+    strcpy(req.ifr_name, "lo");
+    if (ioctl(sock, SIOCGIFFLAGS, &req) < 0) die("SIOCGIFFLAGS lo");
+    req.ifr_flags |= IFF_UP;
+    if (ioctl(sock, SIOCSIFFLAGS, &req) < 0) die("SIOCSIFFLAGS lo");
+    close(sock);
+}
+
+/* ---- init and the task --------------------------------------------------- */
+
+static void forward(int sig) {
+    if (child_pid > 0) kill(getpid() == 1 ? -1 : child_pid, sig);
+}
+
+static const char *resolve(const char *cmd, char *const env[], char *buf, size_t size) {
+    if (strchr(cmd, '/')) return cmd;
+    const char *path = "";
+    for (char *const *e = env; *e; e++)
+        if (strncmp(*e, "PATH=", 5) == 0) path = *e + 5;
+    while (1) {
+        const char *end = strchrnul(path, ':');
+        int len = end - path;
+        snprintf(buf, size, "%.*s%s%s", len, len ? path : ".", "/", cmd);
+        if (access(buf, X_OK) == 0) {
+            struct stat st;
+            if (stat(buf, &st) == 0 && S_ISREG(st.st_mode)) return buf;
+        }
+        if (!*end) break;
+        path = end + 1;
+    }
+    errno = ENOENT;
+    return NULL;
+}
+
+static void __attribute__((noreturn)) run_task(const char *path, char **argv, char **envp) {
+    step = "exec";
+    if (setsid() < 0) die("setsid");
+    sigset_t none;
+    sigemptyset(&none);
+    struct sigaction dfl = {.sa_handler = SIG_DFL};
+    for (int sig = 1; sig < NSIG; sig++) sigaction(sig, &dfl, NULL);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+    /* Only 0-2 survive: the report pipe is close-on-exec. */
+    for (int fd = 3; fd < REPORT_FD; fd++) close(fd);
+    if (syscall(SYS_close_range, REPORT_FD + 1, ~0U, 0) < 0) {
+        for (int fd = REPORT_FD + 1; fd < 1024; fd++) close(fd);
+    }
+    execve(path, argv, envp);
+    die(argv[0]);
+}
+
+static void __attribute__((noreturn)) init(int network_none, const char *cwd, char **argv,
+                                           char **envp, int to_launcher, int from_launcher) {
+    step = "init";
+    if (prctl(PR_SET_PDEATHSIG, SIGKILL) < 0) die("PR_SET_PDEATHSIG");
+    /* pid 1 only receives signals it handles: install first, so a timeout's
+     * SIGTERM reaches the task. */
+    struct sigaction fwd = {.sa_handler = forward};
+    sigaction(SIGTERM, &fwd, NULL);
+
+    /* --- privileged over the sandbox's own namespaces ------------------ */
+    int flags = CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWCGROUP;
+    if (network_none) flags |= CLONE_NEWNET;
+    if (unshare(flags) < 0) die("unshare");
+    /* Nothing mounted here may propagate back to the host's mount table. */
+    if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0) die("make / private");
+    /* A scratch tmpfs is the root while building, the host's root under
+     * /oldroot, so bind sources stay reachable even where the scratch tmpfs
+     * hides them (a project under /tmp). */
+    if (mount("tmpfs", SCRATCH, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0700") < 0)
+        die("mount scratch tmpfs");
+    if (chdir(SCRATCH) < 0 || mkdir("newroot", 0755) < 0 || mkdir("oldroot", 0755) < 0)
+        die("scratch folders");
+    if (mount("newroot", "newroot", NULL, MS_BIND, NULL) < 0) die("bind newroot");
+    if (syscall(SYS_pivot_root, ".", "oldroot") < 0) die("pivot_root to scratch");
+    if (sethostname("hitz", 4) < 0) die("sethostname");
+    if (network_none) loopback_up();
+    step = "mount";
+    apply_ops();
+    step = "init";
+    /* Done with the host: drop it, then make the built root the root. */
+    if (umount2(OLDROOT, MNT_DETACH) < 0) die("detach the host root");
+    if (chdir(NEWROOT) < 0) die("chdir newroot");
+    if (syscall(SYS_pivot_root, ".", ".") < 0) die("pivot_root"); /* stacks old under new */
+    if (umount2(".", MNT_DETACH) < 0) die("detach the scratch root"); /* and drops it */
+
+    /* --- from here on, only the task's own user namespace ---------------- */
+    if (unshare(CLONE_NEWUSER) < 0) die("unshare user namespace");
+    char byte = 'U';
+    if (write(to_launcher, &byte, 1) != 1) die("ask for id maps");
+    if (read(from_launcher, &byte, 1) != 1 || byte != 'M') {
+        errno = EPROTO;
+        die("wait for id maps");
+    }
+    close(to_launcher);
+    close(from_launcher);
+    if (setresgid(0, 0, 0) < 0 || setresuid(0, 0, 0) < 0) die("become root of the task namespace");
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0) die("PR_SET_NO_NEW_PRIVS");
+    if (chdir(cwd) < 0) die("chdir to the working folder");
+
+    step = "exec";
+    char buf[8192];
+    const char *path = resolve(argv[0], envp, buf, sizeof buf);
+    if (!path) die(argv[0]);
+    pid_t task = fork();
+    if (task < 0) die("fork");
+    if (task == 0) run_task(path, argv, envp);
+    child_pid = task;
+    for (int fd = 0; fd <= 2; fd++) close(fd);
+
+    /* Be pid 1: reap every orphan; end when the task itself ends. */
+    while (1) {
+        int status;
+        pid_t pid = wait(&status);
+        if (pid < 0 && errno == EINTR) continue;
+        if (pid < 0) die("wait");
+        if (pid == task) {
+            report("X %d", status);
+            _exit(0);
+        }
+    }
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2) return 2;
+    if (prctl(PR_SET_PDEATHSIG, SIGKILL) < 0) die("PR_SET_PDEATHSIG");
+    if (getppid() != atoi(argv[1])) return 3; /* hitz died before the line above */
+    /* posix_spawn's dup2 cleared close-on-exec on the report pipe; the task
+     * must not inherit it. */
+    if (fcntl(REPORT_FD, F_SETFD, FD_CLOEXEC) < 0) return 4;
+    read_plan();
+    int host_root = next_int();
+    long outer_id = next_int();
+    int network_none = strcmp(next(), "none") == 0;
+    const char *cwd = next();
+    long task_argc = next_int();
+    char **task_argv = calloc(task_argc + 1, sizeof *task_argv);
+    for (long i = 0; i < task_argc; i++) task_argv[i] = (char *)next();
+    long envc = next_int();
+    char **envp = calloc(envc + 1, sizeof *envp);
+    for (long i = 0; i < envc; i++) envp[i] = (char *)next();
+    if (!task_argv || !envp || task_argc < 1) die("plan");
+
+    if (host_root) {
+        if (setgroups(0, NULL) < 0) die("setgroups"); /* root's groups must not reach the task */
+    } else {
+        /* An ordinary user may only create the sandbox's namespaces inside a
+         * user namespace of its own, where it is 0. setgroups must be denied
+         * before an unprivileged gid_map write (user_namespaces(7)). */
+        uid_t uid = getuid();
+        gid_t gid = getgid();
+        if (unshare(CLONE_NEWUSER) < 0) die("unshare user namespace");
+        write_file("/proc/self/setgroups", "deny");
+        map_ids(getpid(), uid, gid);
+    }
+    /* The next child becomes pid 1 of a new pid namespace. */
+    if (unshare(CLONE_NEWPID) < 0) die("unshare pid namespace");
+    int up[2], down[2];
+    if (pipe2(up, O_CLOEXEC) < 0 || pipe2(down, O_CLOEXEC) < 0) die("pipe");
+    pid_t pid = fork();
+    if (pid < 0) die("fork");
+    if (pid == 0) {
+        close(up[0]);
+        close(down[1]);
+        init(network_none, cwd, task_argv, envp, up[1], down[0]);
+    }
+    child_pid = pid;
+    close(up[1]);
+    close(down[0]);
+    struct sigaction fwd = {.sa_handler = forward};
+    sigaction(SIGTERM, &fwd, NULL);
+    for (int fd = 0; fd <= 2; fd++) close(fd);
+
+    /* Init asks for its task namespace's id maps once the root is built; the
+     * maps must be written from the parent namespace. */
+    char byte;
+    ssize_t n;
+    while ((n = read(up[0], &byte, 1)) < 0 && errno == EINTR) {
+    }
+    if (n == 1 && byte == 'U') {
+        map_ids(pid, outer_id, outer_id);
+        byte = 'M';
+        if (write(down[1], &byte, 1) != 1) die("answer init");
+    }
+    int status;
+    while (waitpid(pid, &status, 0) < 0) {
+        if (errno != EINTR) die("waitpid");
+    }
+    return 0;
+}
