@@ -52,6 +52,8 @@ class Runner:
         self.outputs = OutputIndex(manifest)
         self.expanded: dict[str, list[str]] = {}
         self._trash = _Trash()
+        self._made_dirs = False
+        self._project_dirs: set[Path] = set()  # folders known to exist in the project
 
     # --- before anything runs ----------------------------------------------------
     def preflight(self, tasks: list[TaskDef]) -> None:
@@ -93,10 +95,11 @@ class Runner:
                     )
                 mounts.append(InputMount(str(self.root / rel), rel, out.endswith("/")))
         staging = self.tmp / task.name
-        if staging.exists():
-            _remove(staging)
-        staging.mkdir(parents=True)
-        self.logs.mkdir(parents=True, exist_ok=True)
+        if not self._made_dirs:
+            self.tmp.mkdir(parents=True, exist_ok=True)
+            self.logs.mkdir(parents=True, exist_ok=True)
+            self._made_dirs = True
+        staging.mkdir()
         return SandboxSpec(
             task=task.name,
             argv=task.argv,
@@ -112,7 +115,11 @@ class Runner:
 
     def finish(self, task: TaskDef, result: SandboxResult) -> TaskResult:
         staging = self.tmp / task.name
-        logs = (str(self.logs / f"{task.name}.stdout"), str(self.logs / f"{task.name}.stderr"))
+        logs = tuple(
+            path for path in (str(self.logs / f"{task.name}.stdout"),
+                              str(self.logs / f"{task.name}.stderr"))
+            if os.path.exists(path)
+        )
         try:
             if result.status is Status.SUCCEEDED:
                 try:
@@ -140,7 +147,8 @@ class Runner:
                     logs,
                 )
             outcome = Outcome.CANCELLED if result.status is Status.CANCELLED else Outcome.FAILED
-            tail = None if outcome is Outcome.CANCELLED else _tail(logs[1])
+            tail = None if outcome is Outcome.CANCELLED else _tail(
+                str(self.logs / f"{task.name}.stderr"))
             return TaskResult(
                 task.name,
                 outcome,
@@ -162,7 +170,9 @@ class Runner:
         rel = declared.rstrip("/")
         dest = self.root / rel
         try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
+            if dest.parent not in self._project_dirs:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                self._project_dirs.add(dest.parent)
             if declared.endswith("/") and dest.is_dir() and not dest.is_symlink():
                 _exchange(staged, str(dest))
                 _remove(Path(staged))

@@ -52,7 +52,9 @@ class SandboxSpec:
     ``staging_dir`` is an empty host directory, private to this task, on the
     same filesystem as the project: writable output locations are created in
     it, and ``SandboxResult.outputs`` point into it. ``stdout_path`` and
-    ``stderr_path`` are host files the task's streams are written to.
+    ``stderr_path`` are host files that hold the task's streams once it has
+    ended; a stream the task left empty leaves no file (an older one is
+    removed).
     """
 
     task: str

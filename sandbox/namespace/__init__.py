@@ -35,6 +35,7 @@ single-threaded event loop, enforces deadlines and collects outputs.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import selectors
@@ -70,6 +71,8 @@ class _Launch:
     pid: int
     pidfd: int
     report_r: int
+    stdout: int  # memfds holding the task's streams until it ends
+    stderr: int
     started: float
     deadline: float
     killed_at: float | None = None
@@ -102,17 +105,14 @@ class NamespaceBackend:
         self._prepare_staging(spec)
         base, base_bytes = self._base_for(spec)
         ops = work_ops(spec)
-        plan = os.memfd_create("hitz-plan", os.MFD_CLOEXEC)
+        plan = _high(os.memfd_create("hitz-plan", os.MFD_CLOEXEC))
         report_r, report_w = os.pipe2(os.O_CLOEXEC)
-        fds = [_high(fd) for fd in (
-            plan,
-            os.open(spec.stdout_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
-                    0o644),
-            os.open(spec.stderr_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
-                    0o644),
-            report_w,
-        )]
-        plan, out, err, report_w = fds
+        report_w = _high(report_w)
+        # The task's streams go to memory first and reach the log files only
+        # if they are not empty: creating two files per task costs ~0.4 ms
+        # on this disk, and most tasks print nothing.
+        out = _high(os.memfd_create(f"hitz-{spec.task}-stdout", os.MFD_CLOEXEC))
+        err = _high(os.memfd_create(f"hitz-{spec.task}-stderr", os.MFD_CLOEXEC))
         try:
             os.write(plan, self._header(spec, len(base) + len(ops)) + base_bytes
                      + _join(flatten(ops)))
@@ -129,17 +129,18 @@ class NamespaceBackend:
                 setsid=True,
             )
         except OSError as exc:
-            os.close(report_r)
+            for fd in (report_r, out, err):
+                os.close(fd)
             raise SandboxError(
                 f"cannot start the sandbox launcher `{self._launcher}`: {exc.strerror}",
                 reason=SandboxErrorReason.HELPER_DIED,
             ) from exc
         finally:
-            for fd in fds:
-                os.close(fd)
+            os.close(plan)
+            os.close(report_w)
         now = time.monotonic()
-        launch = _Launch(spec, [*base, *ops], pid, os.pidfd_open(pid), report_r, now,
-                         now + spec.timeout)
+        launch = _Launch(spec, [*base, *ops], pid, os.pidfd_open(pid), report_r, out, err,
+                         now, now + spec.timeout)
         os.set_blocking(report_r, False)
         self._running[pid] = launch
         self._sel.register(report_r, selectors.EVENT_READ, (launch, "report"))
@@ -161,6 +162,8 @@ class NamespaceBackend:
                     self._reap(launch)
                 if launch.eof and launch.exit is not None and launch.pid in self._running:
                     del self._running[launch.pid]
+                    _keep_log(launch.stdout, launch.spec.stdout_path)
+                    _keep_log(launch.stderr, launch.spec.stderr_path)
                     results.append(self._result(launch))
             if end is not None and time.monotonic() >= end:
                 break
@@ -313,6 +316,29 @@ def _high(fd: int) -> int:
     moved = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, _LOW_FDS)
     os.close(fd)
     return moved
+
+
+def _keep_log(memfd: int, path: str) -> None:
+    """Write a task's captured stream to ``path`` if it is not empty, else
+    remove what an earlier run left there; close the memfd."""
+    try:
+        size = os.fstat(memfd).st_size
+        if size == 0:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            return
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            offset = 0
+            while offset < size:
+                sent = os.sendfile(fd, memfd, offset, size - offset)
+                if sent == 0:
+                    break
+                offset += sent
+        finally:
+            os.close(fd)
+    finally:
+        os.close(memfd)
 
 
 def _join(fields: list[str]) -> bytes:

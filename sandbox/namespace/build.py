@@ -1,10 +1,12 @@
 """Build the sandbox launcher (``launcher.c``) once per machine.
 
 The launcher is a small static C program (see its header comment for why it
-exists). It is compiled on first use with the host's C compiler into the
-user's cache folder, under a name that carries the source's digest, so an
-upgrade of hitz never runs a stale launcher and concurrent first runs do not
-race (each compiles to a temporary name and renames it into place).
+exists). It is compiled on first use with the host's C compiler, next to its
+source when the installation is writable (so it belongs to the installation
+and no cache clean-up rebuilds it), else in the user's cache folder. Its name
+carries the source's digest, so an upgrade of hitz never runs a stale
+launcher, and concurrent first runs do not race (each compiles to a
+temporary name and renames it into place).
 """
 
 from __future__ import annotations
@@ -34,7 +36,12 @@ def launcher_path() -> str:
     """
     source = SOURCE.read_bytes()
     digest = hashlib.sha256(source).hexdigest()[:16]
-    for folder in (cache_root() / "bin", Path(tempfile.gettempdir()) / f"hitz-{os.getuid()}"):
+    folders = (
+        SOURCE.parent,
+        cache_root() / "bin",
+        Path(tempfile.gettempdir()) / f"hitz-{os.getuid()}",
+    )
+    for folder in folders:
         target = folder / f"hitz-launch-{digest}"
         if os.access(target, os.X_OK):
             return str(target)
