@@ -170,9 +170,12 @@ def _dispatch(argv: list[str]) -> int:
 
 
 def _load(config: str) -> Manifest:
+    from pathlib import Path
+
+    from hitz.executor.inputs import STATE_DIR
     from hitz.executor.manifest import load
 
-    return load(config)
+    return load(config, cache_dir=Path(os.path.abspath(config)).parent / STATE_DIR)
 
 
 def _validate(manifest: Manifest) -> int:

@@ -19,6 +19,7 @@ runner report those, using ``Manifest.locations`` for the line.
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import math
 import os
@@ -73,12 +74,16 @@ _TOML_AT = re.compile(r"(.*) \(at (?:line (\d+), column (\d+)|end of document)\)
 _TOML_KEY = re.compile(r"\((?:'[^']*'|\"[^\"]*\")(?:, (?:'[^']*'|\"[^\"]*\"))*,?\)")
 
 
-def load(path: str | os.PathLike[str]) -> Manifest:
+def load(path: str | os.PathLike[str], cache_dir: Path | None = None) -> Manifest:
     """Read, parse and validate the manifest at ``path``.
 
     Returns a ``Manifest`` with absolute ``path`` and ``root`` (the manifest's
     folder), ``display_path`` as given, tasks in document order with
     ``[defaults]`` applied, and lazily computed ``locations``.
+
+    With ``cache_dir``, a manifest whose bytes (and path, and this loader's
+    code) were validated before is rebuilt from ``cache_dir/manifest.json``
+    without parsing or validating again; see ``_cached``.
 
     Raises ``ManifestError`` for every problem, reading errors included (reason
     NOT_FOUND); never another exception for bad input. Messages name
@@ -87,6 +92,11 @@ def load(path: str | os.PathLike[str]) -> Manifest:
     display = os.fspath(path)
     absolute = Path(os.path.abspath(display))
     source = _Source(display, _read(absolute, display))
+    key = _cache_key(absolute, source.text) if cache_dir is not None else ""
+    if cache_dir is not None:
+        cached = _cached(cache_dir / _CACHE_FILE, key, absolute, source)
+        if cached is not None:
+            return cached
     try:
         raw = tomllib.loads(source.text)
     except tomllib.TOMLDecodeError as exc:
@@ -94,7 +104,79 @@ def load(path: str | os.PathLike[str]) -> Manifest:
     except RecursionError as exc:
         raise source.error("values are nested too deeply", Reason.TOML_SYNTAX) from exc
     _validate_types(raw, source)
-    return _Builder(raw, source, absolute).manifest()
+    manifest = _Builder(raw, source, absolute).manifest()
+    if cache_dir is not None:
+        _store(cache_dir / _CACHE_FILE, key, manifest)
+    return manifest
+
+
+# --- the validated-manifest cache ----------------------------------------------
+#
+# Parsing a 10,000-task manifest costs ~0.4 s in tomllib alone and importing
+# pydantic ~0.1 s, so a no-op run keeps the validated result, keyed by the
+# manifest's bytes, its absolute path and the code that validated it. The
+# cache is JSON (never pickle: .hitz/ is inside a project that may not be
+# trusted), written atomically; anything unreadable or stale is a miss.
+
+_CACHE_FILE = "manifest.json"
+_CACHE_VERSION = "hitz-manifest-cache/1"
+_TASK_FIELDS = (
+    "name", "argv", "inputs", "outputs", "deps", "env", "backend", "rootfs", "network",
+    "timeout_s", "description", "line", "shell",
+)
+
+
+def _cache_key(absolute: Path, text: str) -> str:
+    import hashlib
+
+    digest = hashlib.sha256(_CACHE_VERSION.encode())
+    for module in (__file__, _model_file()):
+        digest.update(Path(module).read_bytes())
+    digest.update(str(absolute).encode() + b"\0" + text.encode())
+    return digest.hexdigest()
+
+
+def _model_file() -> str:
+    from hitz.executor import model
+
+    return model.__file__
+
+
+def _cached(path: Path, key: str, absolute: Path, source: _Source) -> Manifest | None:
+    try:
+        data = json.loads(path.read_bytes())
+        if not isinstance(data, dict) or data.get("key") != key:
+            return None
+        tasks = {}
+        for row in data["tasks"]:
+            fields = dict(zip(_TASK_FIELDS, row, strict=True))
+            for name in ("argv", "inputs", "outputs", "deps"):
+                fields[name] = tuple(fields[name])
+            tasks[fields["name"]] = TaskDef(**fields)
+        return Manifest(
+            path=absolute,
+            display_path=source.display,
+            root=absolute.parent,
+            project=data["project"],
+            tasks=tasks,
+            locations=_Locations(source),
+            lines=source.lines,
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _store(path: Path, key: str, manifest: Manifest) -> None:
+    rows = [[getattr(task, name) for name in _TASK_FIELDS] for task in manifest.tasks.values()]
+    data = json.dumps({"key": key, "project": manifest.project, "tasks": rows})
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(data)
+        os.replace(tmp, path)
+    except OSError:  # a read-only checkout only loses the speed-up
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def json_schema() -> dict[str, Any]:
