@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from hitz.executor.errors import PlanError, PlanErrorReason
 from hitz.executor.events import Outcome, RunSummary, TaskResult
 from hitz.executor.history import History

@@ -11,13 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
 from hitz.executor.errors import HitzError, OutputError
 from hitz.executor.events import Outcome, RunSummary, TaskResult
 from hitz.executor.model import Manifest, TaskDef
 from hitz.executor.planner import plan
 from hitz.executor.scheduler import Scheduler
 from hitz.sandbox.spec import SandboxResult, SandboxSpec, Status
-
 from tests.fakes.backend import FakeBackend
 
 
