@@ -321,3 +321,30 @@ def test_ctrl_c_inside_an_observer_stops_the_run() -> None:
         Outcome.CANCELLED,
     ]
     assert summary.results[1].message == "stopped: the run was interrupted"
+
+
+def test_a_ready_task_starts_before_the_ended_one_is_finished() -> None:
+    # a and b are independent: when a ends, b takes its slot before a's
+    # outputs are moved (finishing is the slow part of the main loop).
+    finished = run([task("a"), task("b")], jobs=1)
+    events = [e for e in finished.recorder.events if e[0] in ("started", "finished")]
+    assert events == [
+        ("started", "a"),
+        ("started", "b"),
+        ("finished", "a", "succeeded"),
+        ("finished", "b", "succeeded"),
+    ]
+
+
+def test_no_early_start_when_finishing_releases_a_more_urgent_task() -> None:
+    # link (after compile) outranks lint: lint must wait for compile to be
+    # finished, so link can go first.
+    started = run(BUILD, jobs=1).backend.started
+    assert started.index("link") < started.index("lint")
+
+
+def test_no_early_start_after_a_failure() -> None:
+    backend = FakeBackend().fail("a")
+    finished = run([task("a"), task("b")], backend, jobs=1)
+    assert finished.backend.started == ["a"]
+    assert finished.outcome("b") is Outcome.CANCELLED
