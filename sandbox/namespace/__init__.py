@@ -44,7 +44,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from hitz.sandbox.errors import SandboxError, SandboxErrorReason
+from hitz.sandbox.errors import SandboxError, SandboxErrorReason, SandboxUnavailable
 from hitz.sandbox.namespace.build import launcher_path
 from hitz.sandbox.namespace.ops import BindReadOnly, Op, flatten
 from hitz.sandbox.namespace.plan import HostLayout, base_ops, work_ops, writable_roots
@@ -292,6 +292,8 @@ class NamespaceBackend:
             return SandboxResult(status=Status.FAILED, exit_code=127,
                                  message=f"cannot run `{spec.argv[0]}`: "
                                  f"{os.strerror(int(err))}", **base)
+        if errors:
+            _refuse_if_unavailable(errors[0])
         if errors or exit_code is None:
             return SandboxResult(status=Status.SETUP_FAILED, exit_code=None,
                                  message=_explain_setup(launch, errors, status), **base)
@@ -353,6 +355,39 @@ def _explain_exit(code: int) -> str:
             name = f"signal {-code}"
         return f"killed by {name}"
     return f"exited with status {code}"
+
+
+# errno of a failed unshare(2): the host cannot give any task a sandbox.
+_UNSHARE_REFUSED = {
+    errno.EPERM: "not permitted",
+    errno.EACCES: "not permitted",
+    errno.ENOSPC: "the namespace limit is 0 or reached",
+    errno.EINVAL: "not supported by this kernel",
+    errno.ENOSYS: "not supported by this kernel",
+    errno.EUSERS: "user namespaces are nested too deeply",
+}
+
+
+def _refuse_if_unavailable(error: str) -> None:
+    """Fail closed, once for the whole run, when the kernel refuses to
+    create a namespace: no task may run without its sandbox."""
+    step, err_text, _, text = [*error.split(" ", 3), "", "", ""][:4]
+    err = int(err_text) if err_text.lstrip("-").isdigit() else 0
+    if step not in ("launcher", "init") or "unshare" not in text or err not in _UNSHARE_REFUSED:
+        return
+    what = text.split(":", 1)[0]
+    if os.geteuid() != 0:
+        hint = ("unprivileged user namespaces look disabled: enable them with "
+                "`sysctl kernel.unprivileged_userns_clone=1` (Debian) and "
+                "`sysctl user.max_user_namespaces=15000`, or run hitz as root")
+    else:
+        hint = ("check `sysctl user.max_user_namespaces` (must be above 0), and that no "
+                "seccomp policy of a container around hitz blocks unshare(2)")
+    raise SandboxUnavailable(
+        f"this host cannot create the namespaces a sandbox needs: {what} failed "
+        f"({_UNSHARE_REFUSED[err]})",
+        hint=hint,
+    )
 
 
 def _explain_setup(launch: _Launch, errors: list[str], status: int) -> str:
