@@ -37,6 +37,7 @@
 #include <grp.h>
 #include <linux/mount.h>
 #include <net/if.h>
+#include <poll.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -349,9 +350,16 @@ static void __attribute__((noreturn)) init(int network_none, const char *cwd, ch
         errno = EPROTO;
         die("wait for id maps");
     }
+    if (setresgid(0, 0, 0) < 0 || setresuid(0, 0, 0) < 0) die("become root of the task namespace");
+    /* A change of credentials clears the parent-death signal (prctl(2),
+     * PR_SET_PDEATHSIG): set it again, then make sure the launcher did not
+     * die in between (it holds the other end of from_launcher open until it
+     * exits). */
+    if (prctl(PR_SET_PDEATHSIG, SIGKILL) < 0) die("PR_SET_PDEATHSIG");
+    struct pollfd hup = {.fd = from_launcher, .events = POLLIN};
+    if (poll(&hup, 1, 0) != 0) _exit(125); /* readable or hung up: the launcher is gone */
     close(to_launcher);
     close(from_launcher);
-    if (setresgid(0, 0, 0) < 0 || setresuid(0, 0, 0) < 0) die("become root of the task namespace");
     if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0) die("PR_SET_NO_NEW_PRIVS");
     if (chdir(cwd) < 0) die("chdir to the working folder");
 
@@ -409,6 +417,9 @@ int main(int argc, char **argv) {
         if (unshare(CLONE_NEWUSER) < 0) die("unshare user namespace");
         write_file("/proc/self/setgroups", "deny");
         map_ids(getpid(), uid, gid);
+        /* The new credentials cleared the parent-death signal: set it again. */
+        if (prctl(PR_SET_PDEATHSIG, SIGKILL) < 0) die("PR_SET_PDEATHSIG");
+        if (getppid() != atoi(argv[1])) return 3;
     }
     /* The next child becomes pid 1 of a new pid namespace. */
     if (unshare(CLONE_NEWPID) < 0) die("unshare pid namespace");
