@@ -102,6 +102,7 @@ run_typecheck() {
     mkdir -p "$shadow/hitz"
     ln -sfn "$REPO/executor" "$shadow/hitz/executor"
     ln -sfn "$REPO/sandbox" "$shadow/hitz/sandbox"
+    ln -sfn "$REPO/protos/gen" "$shadow/hitz/protos"
     if ! MYPYPATH="$shadow" "$VENV/bin/mypy" -p hitz.executor -p hitz.sandbox >"$LOG" 2>&1; then
         sed "s|$shadow/hitz/||g" "$LOG" >&2 # report repo paths, not the symlinks
         echo "error: \`mypy\` failed" >&2
