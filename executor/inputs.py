@@ -106,30 +106,53 @@ def _files_under(
 
 
 def _check_inside(root: str, rel: str, manifest: Manifest, where: tuple[str | int, ...]) -> None:
-    """A symlinked input must resolve to an existing path inside the project."""
+    """An input must resolve to an existing path inside the project, through
+    whatever symlinks it or its parent folders are."""
     path = os.path.join(root, rel)
-    if not os.path.islink(path):
-        return
     real = os.path.realpath(path)
-    if not os.path.exists(real):
+    real_root = os.path.realpath(root)
+    inside = (real + "/").startswith(real_root + "/") and not _in_state_dir(
+        os.path.relpath(real, real_root)
+    )
+    if inside and os.path.exists(real):
+        return
+    link = _first_link_out(root, rel, real_root) if not inside else None
+    if inside or link is None:
         raise ManifestError(
             f'task "{where[1]}": input "{rel}" is a dangling symlink',
             path=manifest.display_path,
             line=manifest.line_of(*where),
             reason=ManifestErrorReason.NOT_FOUND,
         )
-    if not (real + "/").startswith(os.path.realpath(root) + "/") or _in_state_dir(
-        os.path.relpath(real, os.path.realpath(root))
-    ):
-        raise ManifestError(
-            f'task "{where[1]}": input "{rel}" is a symlink to "{os.readlink(path)}", '
-            "outside the project",
-            path=manifest.display_path,
-            line=manifest.line_of(*where),
-            hint="a task sees only files inside the project folder; copy the file in, "
-            'or fetch it in a task with network = "host"',
-            reason=ManifestErrorReason.PATH_ESCAPES,
-        )
+    shown = (
+        f'"{rel}" is a symlink'
+        if link == rel
+        else f'"{rel}" is reached through "{link}", a symlink'
+    )
+    raise ManifestError(
+        f'task "{where[1]}": input {shown} to "{os.readlink(os.path.join(root, link))}", '
+        "outside the project",
+        path=manifest.display_path,
+        line=manifest.line_of(*where),
+        hint="a task sees only files inside the project folder; copy the file in, "
+        'or fetch it in a task with network = "host"',
+        reason=ManifestErrorReason.PATH_ESCAPES,
+    )
+
+
+def _first_link_out(root: str, rel: str, real_root: str) -> str | None:
+    """The first component of ``rel`` that is a symlink leading out of the project."""
+    parts = rel.split("/")
+    for end in range(1, len(parts) + 1):
+        prefix = "/".join(parts[:end])
+        path = os.path.join(root, prefix)
+        if os.path.islink(path):
+            real = os.path.realpath(path)
+            if not (real + "/").startswith(real_root + "/") or _in_state_dir(
+                os.path.relpath(real, real_root)
+            ):
+                return prefix
+    return None
 
 
 def _in_state_dir(rel: str) -> bool:

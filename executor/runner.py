@@ -169,6 +169,7 @@ class Runner:
         rename (a directory is swapped with renameat2(RENAME_EXCHANGE))."""
         rel = declared.rstrip("/")
         dest = self.root / rel
+        self._check_destination(dest, declared)
         try:
             if dest.parent not in self._project_dirs:
                 dest.parent.mkdir(parents=True, exist_ok=True)
@@ -184,6 +185,25 @@ class Runner:
             raise OutputError(
                 f'cannot write output "{declared}" into the project: {exc.strerror}'
             ) from exc
+
+    def _check_destination(self, dest: Path, declared: str) -> None:
+        """An output's folder must be inside the project for real: a folder
+        on the way that is a symlink out of it would carry the output out."""
+        parent = dest.parent
+        while not parent.exists() and parent != self.root:
+            parent = parent.parent
+        real_root = os.path.realpath(self.root)
+        real = os.path.realpath(parent)
+        if (real + "/").startswith(real_root + "/") or real == real_root:
+            return
+        link = next(
+            (p for p in [parent, *parent.parents] if p.is_symlink()), parent
+        )
+        raise OutputError(
+            f'cannot write output "{declared}": `{link.relative_to(self.root)}` is a symlink '
+            f"to `{os.readlink(link)}`, outside the project",
+            hint="remove the symlink, or declare outputs in a folder of the project",
+        )
 
     def cleanup(self) -> None:
         """Remove every staging folder; returns when they are gone."""

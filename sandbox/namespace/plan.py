@@ -196,7 +196,7 @@ def _workdir(spec: SandboxSpec) -> list[Op]:
             ops.append(MakeDir(folder))
             made.add(folder)
 
-    make_parents(work + "/")
+    make_parents(work)
     ops.append(MakeDir(work))
     made.add(work)
 
