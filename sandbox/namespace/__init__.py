@@ -62,6 +62,7 @@ _MOUNT_HINTS = {
     errno.EPERM: "the kernel refused the mount",
 }
 _LOW_FDS = 10  # our copies of the fds handed to a launcher live above 0-4
+_REPORT_GRACE = 5.0  # seconds a reaped launcher's report pipe may stay open
 
 
 @dataclass
@@ -82,6 +83,7 @@ class _Launch:
     reports: list[str] = field(default_factory=list)
     eof: bool = False
     exit: tuple[int, Any] | None = None  # (wait status, rusage) once reaped
+    reaped_at: float = 0.0
 
 
 class NamespaceBackend:
@@ -96,6 +98,7 @@ class NamespaceBackend:
         self._running: dict[int, _Launch] = {}  # by launcher pid
         self._base: dict[str, tuple[list[Op], bytes]] = {}  # by network
         self._devnull = -1
+        self._done: list[_Launch] = []  # given up waiting for their report pipe
 
     # --- SandboxBackend ---------------------------------------------------
     def start(self, spec: SandboxSpec) -> None:
@@ -151,6 +154,12 @@ class NamespaceBackend:
         end = None if timeout is None else time.monotonic() + timeout
         while self._running and not results:
             pause = self._enforce_deadlines()
+            for launch in self._done:
+                self._running.pop(launch.pid, None)
+                results.append(self._complete(launch))
+            self._done.clear()
+            if results:
+                break
             if end is not None:
                 left = max(0.0, end - time.monotonic())
                 pause = left if pause is None else min(pause, left)
@@ -162,9 +171,7 @@ class NamespaceBackend:
                     self._reap(launch)
                 if launch.eof and launch.exit is not None and launch.pid in self._running:
                     del self._running[launch.pid]
-                    _keep_log(launch.stdout, launch.spec.stdout_path)
-                    _keep_log(launch.stderr, launch.spec.stderr_path)
-                    results.append(self._result(launch))
+                    results.append(self._complete(launch))
             if end is not None and time.monotonic() >= end:
                 break
         return results
@@ -188,6 +195,11 @@ class NamespaceBackend:
         self._sel.close()
 
     # --- launches ----------------------------------------------------------
+    def _complete(self, launch: _Launch) -> SandboxResult:
+        _keep_log(launch.stdout, launch.spec.stdout_path)
+        _keep_log(launch.stderr, launch.spec.stderr_path)
+        return self._result(launch)
+
     def _base_for(self, spec: SandboxSpec) -> tuple[list[Op], bytes]:
         cached = self._base.get(spec.network.value)
         if cached is None:
@@ -237,6 +249,7 @@ class NamespaceBackend:
     def _reap(self, launch: _Launch) -> None:
         _, status, usage = os.wait4(launch.pid, 0)
         launch.exit = (status, usage)
+        launch.reaped_at = time.monotonic()
         self._sel.unregister(launch.pidfd)
         os.close(launch.pidfd)
 
@@ -253,6 +266,20 @@ class NamespaceBackend:
         nxt: float | None = None
         for launch in self._running.values():
             if launch.exit is not None:
+                # Reaped, but the report pipe is still open: something of the
+                # sandbox outlived its launcher. Its init has the launcher as
+                # parent-death signal source, so this is brief; never wait on
+                # it for long, and say what is known.
+                if launch.eof:
+                    continue
+                due = launch.reaped_at + _REPORT_GRACE
+                if now >= due:
+                    self._sel.unregister(launch.report_r)
+                    os.close(launch.report_r)
+                    launch.eof = True
+                    self._done.append(launch)
+                    due = now
+                nxt = due if nxt is None else min(nxt, due)
                 continue
             if launch.killed_at is None and now >= launch.deadline:
                 launch.timed_out = True
