@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 VERSION = "0.1.0"
 DEFAULT_CONFIG = "hitz.toml"
-COMMANDS = ("run", "validate", "plan", "graph", "schema", "sandbox")
+COMMANDS = ("run", "validate", "plan", "graph", "schema", "sandbox", "explain", "cache")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -76,6 +76,23 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--json", action="store_true", help="write a machine-readable summary to stdout"
     )
+    run.add_argument("--explain", action="store_true",
+                     help="say why each task that runs was not served from the cache")
+    run.add_argument("--no-cache", action="store_true",
+                     help="neither read nor write the cache in this run")
+
+    explain_cmd = with_config(sub.add_parser(
+        "explain", help="say whether a task would come from the cache, and why not"))
+    explain_cmd.add_argument("task", metavar="TASK")
+
+    cache = sub.add_parser("cache", help="inspect or trim the local cache")
+    cache_sub = cache.add_subparsers(dest="cache_command", metavar="SUBCOMMAND",
+                                     parser_class=_Parser, required=True)
+    with_config(cache_sub.add_parser("stats", help="entries, size and the last run's hits"))
+    gc = with_config(cache_sub.add_parser("gc", help="evict least recently used entries"))
+    gc.add_argument("--max-size", metavar="SIZE",
+                    help='shrink the cache to this size, such as "1GiB" (default: '
+                    "[cache] max_size, else 10GiB)")
 
     with_config(sub.add_parser("validate", help="check the manifest and its graph; run nothing"))
 
@@ -155,6 +172,10 @@ def _dispatch(argv: list[str]) -> int:
     manifest = _load(args.config)
     if args.command == "run":
         return _run(manifest, args)
+    if args.command == "explain":
+        return _explain(manifest, args.task)
+    if args.command == "cache":
+        return _cache(manifest, args)
     if args.command == "validate":
         return _validate(manifest)
     if args.command == "plan":
@@ -208,7 +229,7 @@ def _run(manifest: Manifest, args: argparse.Namespace) -> int:
     from hitz.executor import planner
     from hitz.executor.history import History
     from hitz.executor.progress import JsonSummary, LiveProgress, PlainProgress
-    from hitz.executor.runner import Runner, project_lock, state_dir_for
+    from hitz.executor.runner import Runner, open_store, project_lock, state_dir_for
     from hitz.executor.scheduler import DEFAULT_JOBS, Scheduler
     from hitz.sandbox.namespace import NamespaceBackend
 
@@ -225,8 +246,16 @@ def _run(manifest: Manifest, args: argparse.Namespace) -> int:
     if args.json:
         observers.append(JsonSummary(sys.stdout))
 
+    def warn(text: str) -> None:
+        sys.stderr.write(f"warning: {text}\n")
+
+    def explain(name: str, reasons: list[str]) -> None:
+        sys.stderr.write(f"explain: :{name}: {'; '.join(reasons) or 'no reason recorded'}\n")
+
     with project_lock(state_dir):
-        runner = Runner(manifest, state_dir)
+        store = None if args.no_cache else open_store(manifest, warn)
+        runner = Runner(manifest, state_dir, store, warn=warn,
+                        explain=explain if args.explain else None)
         runner.preflight([the_plan.tasks[name] for name in the_plan.order])
         backend = NamespaceBackend()
         try:
@@ -243,6 +272,8 @@ def _run(manifest: Manifest, args: argparse.Namespace) -> int:
         finally:
             backend.close()
             runner.cleanup()
+            if store is not None:
+                store.close()
     history.record_run(summary)
     history.save()
     if summary.interrupted:
@@ -285,3 +316,67 @@ def _sandbox_explain(manifest: Manifest, task_name: str) -> int:
     for op in build_ops(spec, HostLayout.probe()):
         print(describe(op))
     return 0
+
+
+def _explain(manifest: Manifest, task_name: str) -> int:
+    from hitz.executor import planner
+    from hitz.executor.cache import cacheable
+    from hitz.executor.runner import Runner, open_store, state_dir_for
+
+    name = task_name.lstrip(":")
+    task = planner.plan(manifest, [name]).tasks[name]
+    def warn(text: str) -> None:
+        sys.stderr.write(f"warning: {text}\n")
+
+    store = open_store(manifest, warn)
+    try:
+        runner = Runner(manifest, state_dir_for(manifest), store)
+        runner.preflight([task])
+        key, _ = runner.key_for(task)
+        print(f":{name}: action {key.digest}")
+        if cacheable(task) and store is not None and store.get_action_result(key.digest):
+            print(f":{name}: in the cache; `hitz run` restores its outputs without running it")
+            return 0
+        reasons = (runner.cache.explain(name, key) if cacheable(task)
+                   else ["caching is off for this task"])
+        for reason in reasons:
+            print(f":{name}: runs: {reason}")
+        return 0
+    finally:
+        if store is not None:
+            store.close()
+
+
+def _cache(manifest: Manifest, args: argparse.Namespace) -> int:
+    from hitz.executor.manifest import parse_size
+    from hitz.executor.runner import DEFAULT_CACHE_BYTES, open_store
+
+    store = open_store(manifest, None)
+    if store is None:
+        return 1
+    try:
+        if args.cache_command == "stats":
+            stats = store.stats()
+            last = stats.last_run
+            lookups = last.ac_hits + last.ac_misses
+            rate = f"{100 * last.ac_hits / lookups:.0f}%" if lookups else "-"
+            print(f"cache: {store.folder}")
+            print(f"entries: {stats.entries}")
+            print(f"size: {stats.bytes} bytes")
+            print(f"last run: {last.ac_hits} hits, {last.ac_misses} misses (hit rate {rate})")
+            return 0
+        target = store.max_bytes or DEFAULT_CACHE_BYTES
+        if args.max_size:
+            try:
+                target = parse_size(args.max_size)
+            except ValueError:
+                raise UsageError(
+                    f"--max-size must be a size such as 1GiB or 500MB, got {args.max_size!r}",
+                    hint="for example `hitz cache gc --max-size 2GiB`",
+                ) from None
+        result = store.gc(target)
+        print(f"evicted {result.evicted} entries ({result.evicted_bytes} bytes); "
+              f"{result.entries} entries, {result.bytes} bytes left")
+        return 0
+    finally:
+        store.close()

@@ -40,6 +40,8 @@ class TaskResult:
     message: str | None = None
     stderr_tail: str | None = None
     log_paths: Sequence[str] = ()
+    cached: bool = False  # outputs restored from the cache; no sandbox started
+    action_digest: str | None = None  # the task's cache key, "hash/size"
 
 
 @dataclass(frozen=True, slots=True)

@@ -64,6 +64,13 @@ DURATION_PATTERN = (
     rf"(?=\d)(?:({_NUMBER})h)?(?:({_NUMBER})m(?!s))?(?:({_NUMBER})s)?(?:({_NUMBER})ms)?"
 )
 _DURATION = re.compile(DURATION_PATTERN)
+# A size: a number and a binary or decimal unit ("10GiB", "500MB", "4096").
+SIZE_PATTERN = r"([0-9]+(?:\.[0-9]+)?)\s*(B|KB|KiB|MB|MiB|GB|GiB|TB|TiB)?"
+_SIZE = re.compile(SIZE_PATTERN)
+_SIZE_UNITS = {
+    None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+    "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40,
+}
 _DURATION_EXPECTED = 'a duration such as "90s" or "5m"'
 
 # A task header in its plain form, `[tasks.NAME]`, for the line of each task
@@ -122,7 +129,7 @@ _CACHE_FILE = "manifest.json"
 _CACHE_VERSION = "hitz-manifest-cache/1"
 _TASK_FIELDS = (
     "name", "argv", "inputs", "outputs", "deps", "env", "backend", "rootfs", "network",
-    "timeout_s", "description", "line", "shell",
+    "timeout_s", "description", "line", "shell", "cache",
 )
 
 
@@ -161,14 +168,19 @@ def _cached(path: Path, key: str, absolute: Path, source: _Source) -> Manifest |
             tasks=tasks,
             locations=_Locations(source),
             lines=source.lines,
+            cache_dir=data["cache"][0],
+            cache_max_bytes=data["cache"][1],
         )
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
         return None
 
 
 def _store(path: Path, key: str, manifest: Manifest) -> None:
     rows = [[getattr(task, name) for name in _TASK_FIELDS] for task in manifest.tasks.values()]
-    data = json.dumps({"key": key, "project": manifest.project, "tasks": rows})
+    data = json.dumps({
+        "key": key, "project": manifest.project, "tasks": rows,
+        "cache": [manifest.cache_dir, manifest.cache_max_bytes],
+    })
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -188,6 +200,14 @@ def json_schema() -> dict[str, Any]:
     schema = _models().root.model_json_schema()
     _drop_null_defaults(schema)
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
+
+
+def parse_size(text: str) -> int:
+    """Bytes in a size: "10GiB", "500MB", "4096". ValueError otherwise."""
+    match = _SIZE.fullmatch(text.strip()) if isinstance(text, str) else None
+    if match is None:
+        raise ValueError(f"invalid size {text!r}")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
 
 
 def parse_duration(text: str) -> float:
@@ -380,6 +400,24 @@ def _models() -> _Models:
         rootfs: str | Unset = Field(
             None, description="Default: [defaults] rootfs.", json_schema_extra=_enum(ROOTFS)
         )
+        cache: bool | Unset = Field(
+            None,
+            description="false: never cache this task's result; true: cache it even with"
+            ' network = "host". Default: cache unless network = "host".',
+        )
+
+    class CacheSettings(BaseModel):
+        model_config = strict
+        dir: str | Unset = Field(
+            None,
+            description="The local cache folder, relative to the manifest folder. Default:"
+            " $HITZ_CACHE_DIR, else $XDG_CACHE_HOME/hitz (~/.cache/hitz).",
+        )
+        max_size: str | Unset = Field(
+            None,
+            description='Evict least recently used entries above this size, such as "10GiB".',
+            json_schema_extra={"pattern": f"^{SIZE_PATTERN}$", "examples": ["500MiB", "10GiB"]},
+        )
 
     class Root(BaseModel):
         # "tasks" is required in the schema; load() says "no tasks defined" itself.
@@ -391,6 +429,7 @@ def _models() -> _Models:
         )
         project: Project | Unset = Field(None, description="About the project.")
         defaults: Defaults | Unset = Field(None, description="What every task inherits.")
+        cache: CacheSettings | Unset = Field(None, description="The local cache.")
         tasks: dict[str, Task] = Field(
             default_factory=dict,
             description="The tasks, by name.",
@@ -626,6 +665,7 @@ class _Builder:
         tasks = {
             name: self.task(name, spec, defaults, lines[name]) for name, spec in self.tasks.items()
         }
+        cache_dir, cache_max = self.cache_settings(self.raw.get("cache", {}))
         return Manifest(
             path=self.path,
             display_path=self.source.display,
@@ -634,7 +674,25 @@ class _Builder:
             tasks=tasks,
             locations=_Locations(self.source),
             lines=self.source.lines,
+            cache_dir=cache_dir,
+            cache_max_bytes=cache_max,
         )
+
+    def cache_settings(self, spec: dict[str, Any]) -> tuple[str | None, int | None]:
+        max_bytes = None
+        if "max_size" in spec:
+            try:
+                max_bytes = parse_size(spec["max_size"])
+            except ValueError:
+                max_bytes = 0
+            if max_bytes <= 0:
+                raise self.fail(
+                    ("cache", "max_size"),
+                    f'"max_size" must be a size such as "10GiB" or "500MB", got '
+                    f'{_show(spec["max_size"])}',
+                    Reason.BAD_VALUE,
+                )
+        return spec.get("dir"), max_bytes
 
     def defaults(self, spec: dict[str, Any]) -> _Settings:
         return _Settings(
@@ -686,6 +744,7 @@ class _Builder:
             description=spec.get("description"),
             line=line,
             shell=isinstance(spec["run"], str),
+            cache=spec.get("cache"),
         )
 
     def command(self, run: str | list[str], path: KeyPath) -> tuple[str, ...]:

@@ -41,6 +41,7 @@ class TaskDef:
     description: str | None = None
     line: int = 0
     shell: bool = False
+    cache: bool | None = None  # None = the default rule (see docs/cache.md)
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,8 @@ class Manifest:
     tasks: Mapping[str, TaskDef]
     locations: Mapping[KeyPath, int] = field(default_factory=dict)
     lines: Sequence[str] = ()
+    cache_dir: str | None = None  # [cache] dir, as written (relative to root)
+    cache_max_bytes: int | None = None  # [cache] max_size
 
     def line_of(self, *key: str | int) -> int | None:
         """The line of the most specific known prefix of ``key``."""

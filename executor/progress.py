@@ -216,6 +216,8 @@ class JsonSummary(_Observer):
                     "duration_s": round(result.duration_s, 3),
                     "message": result.message,
                     "logs": list(result.log_paths),
+                    "cached": result.cached,
+                    "action_digest": result.action_digest,
                 }
                 for result in summary.results
             ],
@@ -232,6 +234,9 @@ def summary_line(summary: RunSummary) -> str:
     counts = [f"{n} {outcome}" for outcome, n in _counts(summary.results).items() if n]
     if counts:
         line += ": " + ", ".join(counts)
+    cached = sum(1 for r in summary.results if r.cached)
+    if cached:
+        line += f" ({cached} from the cache)"
     line += f" in {format_seconds(summary.duration_s)}"
     if summary.interrupted:
         line += " (interrupted)"
@@ -269,7 +274,7 @@ def _how(result: TaskResult) -> str:
     """What goes in parentheses after the task's name."""
     took = format_seconds(result.duration_s)
     if result.outcome is Outcome.SUCCEEDED:
-        return took
+        return f"cached, {took}" if result.cached else took
     if result.outcome is not Outcome.FAILED:
         return _printable(result.message or result.status)
     code = result.exit_code

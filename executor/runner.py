@@ -21,13 +21,24 @@ import os
 import queue
 import shutil
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from hitz.executor.actions import (
+    ActionKey,
+    InputFile,
+    build_key,
+    host_rootfs_identity,
+    platform_properties,
+)
+from hitz.executor.cache import TaskCache
 from hitz.executor.errors import HitzError, ManifestError, ManifestErrorReason, OutputError
 from hitz.executor.events import Outcome, TaskResult
 from hitz.executor.inputs import STATE_DIR, OutputIndex, expand
 from hitz.executor.model import Manifest, TaskDef
+from hitz.executor.statcache import StatCache
+from hitz.executor.store import Digest, Store
 from hitz.sandbox.spec import (
     BASE_ENV,
     InputMount,
@@ -43,7 +54,15 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 
 class Runner:
-    def __init__(self, manifest: Manifest, state_dir: Path) -> None:
+    def __init__(
+        self,
+        manifest: Manifest,
+        state_dir: Path,
+        store: Store | None = None,
+        *,
+        warn: Callable[[str], None] | None = None,
+        explain: Callable[[str, list[str]], None] | None = None,
+    ) -> None:
         self.manifest = manifest
         self.root = manifest.root
         self.state_dir = state_dir
@@ -52,6 +71,13 @@ class Runner:
         self.outputs = OutputIndex(manifest)
         self.expanded: dict[str, list[str]] = {}
         self._trash = _Trash()
+        self.stat = StatCache(state_dir / "stat-cache.json")
+        self.cache = TaskCache(store, manifest.root, state_dir, self.stat, warn)
+        self.explain = explain
+        self.keys: dict[str, ActionKey] = {}
+        # Files hitz wrote into the project this run, with their digests.
+        self.produced: dict[str, tuple[Digest, bool]] = {}
+        self._rootfs: str | None = None
         self._made_dirs = False
         self._project_dirs: set[Path] = set()  # folders known to exist in the project
 
@@ -81,19 +107,43 @@ class Runner:
                     )
 
     # --- per task ---------------------------------------------------------------
-    def prepare(self, task: TaskDef) -> SandboxSpec:
+    def key_for(self, task: TaskDef) -> tuple[ActionKey, list[InputMount]]:
+        """``task``'s action key and the mounts of its inputs.
+
+        Raises OutputError when a dependency's output is missing."""
         files = self.expanded.get(task.name)
         if files is None:
             files = self.expanded[task.name] = expand(self.manifest, task, self.outputs)
         mounts = [InputMount(str(self.root / rel), rel) for rel in files]
+        inputs = [self._input_file(rel) for rel in files]
         for dep in task.deps:
             for out in self.manifest.tasks[dep].outputs:
                 rel = out.rstrip("/")
                 if not os.path.lexists(self.root / rel):
                     raise OutputError(
-                        f'output "{out}" of task ":{dep}" is missing from the project'
+                        f'output "{out}" of task ":{dep}" is missing from the project',
+                        hint=f"run `hitz run :{dep}` first",
                     )
                 mounts.append(InputMount(str(self.root / rel), rel, out.endswith("/")))
+                inputs.extend(self._input_file(f) for f in self._files_of_output(out))
+        env = {**BASE_ENV, **task.env}
+        properties = platform_properties(task, self._rootfs_identity())
+        return build_key(task, env, inputs, properties), mounts
+
+    def prepare(self, task: TaskDef) -> SandboxSpec | TaskResult:
+        """The sandbox spec to run ``task`` in, or its result when the cache
+        already holds it (its outputs are then restored in the project)."""
+        started = time.monotonic()
+        key, mounts = self.key_for(task)
+        restored = self.cache.lookup(task, key)
+        if restored is not None:
+            self.produced.update(restored.files)
+            return TaskResult(task.name, Outcome.SUCCEEDED, "cached", 0,
+                              time.monotonic() - started, cached=True,
+                              action_digest=str(key.digest))
+        if self.explain is not None:
+            self.explain(task.name, self.cache.reasons.get(task.name, []))
+        self.keys[task.name] = key
         staging = self.tmp / task.name
         if not self._made_dirs:
             self.tmp.mkdir(parents=True, exist_ok=True)
@@ -113,6 +163,32 @@ class Runner:
             timeout=task.timeout_s,
         )
 
+    def _input_file(self, rel: str) -> InputFile:
+        known = self.produced.get(rel)
+        if known is not None:
+            return InputFile(rel, *known)
+        try:
+            digest, executable = self.stat.digest(str(self.root / rel))
+        except OSError as exc:
+            raise OutputError(f'cannot read input "{rel}": {exc.strerror}') from exc
+        return InputFile(rel, digest, executable)
+
+    def _files_of_output(self, declared: str) -> list[str]:
+        """The files a dependency's output consists of, project-relative."""
+        rel = declared.rstrip("/")
+        if not declared.endswith("/"):
+            return [rel]
+        found = []
+        for folder, _, names in os.walk(self.root / rel):
+            for name in names:
+                found.append(os.path.relpath(os.path.join(folder, name), self.root))
+        return found
+
+    def _rootfs_identity(self) -> str:
+        if self._rootfs is None:
+            self._rootfs = host_rootfs_identity(self.stat.digest)
+        return self._rootfs
+
     def finish(self, task: TaskDef, result: SandboxResult) -> TaskResult:
         staging = self.tmp / task.name
         logs = tuple(
@@ -122,30 +198,24 @@ class Runner:
         )
         try:
             if result.status is Status.SUCCEEDED:
+                key = self.keys.pop(task.name, None)
                 try:
+                    digests = None
+                    if key is not None:
+                        digests = self.cache.record(
+                            task, key, [(out.path, out.staged) for out in result.outputs])
                     for out in result.outputs:
                         self._promote(out.staged, out.path)
                 except OutputError as exc:
-                    return TaskResult(
-                        task.name,
-                        Outcome.FAILED,
-                        "output-failed",
-                        result.exit_code,
-                        result.duration_s,
-                        exc.message,
-                        None,
-                        logs,
-                    )
-                return TaskResult(
-                    task.name,
-                    Outcome.SUCCEEDED,
-                    result.status.value,
-                    result.exit_code,
-                    result.duration_s,
-                    None,
-                    None,
-                    logs,
-                )
+                    return TaskResult(task.name, Outcome.FAILED, "output-failed",
+                                      result.exit_code, result.duration_s, exc.message,
+                                      None, logs)
+                if digests:
+                    self.produced.update(digests)
+                return TaskResult(task.name, Outcome.SUCCEEDED, result.status.value,
+                                  result.exit_code, result.duration_s, None, None, logs,
+                                  action_digest=str(key.digest) if key else None)
+            self.keys.pop(task.name, None)
             outcome = Outcome.CANCELLED if result.status is Status.CANCELLED else Outcome.FAILED
             tail = None if outcome is Outcome.CANCELLED else _tail(
                 str(self.logs / f"{task.name}.stderr"))
@@ -206,9 +276,12 @@ class Runner:
         )
 
     def cleanup(self) -> None:
-        """Remove every staging folder; returns when they are gone."""
+        """Remove every staging folder (returns when they are gone); keep the
+        digests and keys learnt for the next run."""
         self._trash.close()
         _remove(self.tmp)
+        self.stat.save()
+        self.cache.save()
 
 
 class _Trash:
@@ -293,3 +366,33 @@ def project_lock(state_dir: Path) -> Iterator[None]:
 
 def state_dir_for(manifest: Manifest) -> Path:
     return manifest.root / STATE_DIR
+
+
+DEFAULT_CACHE_BYTES = 10 << 30
+
+
+def cache_folder(manifest: Manifest) -> Path:
+    """`[cache] dir` (relative to the manifest), else $HITZ_CACHE_DIR, else
+    $XDG_CACHE_HOME/hitz, else ~/.cache/hitz."""
+    if manifest.cache_dir:
+        return manifest.root / manifest.cache_dir
+    if os.environ.get("HITZ_CACHE_DIR"):
+        return Path(os.environ["HITZ_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "hitz"
+
+
+def open_store(manifest: Manifest, warn: Callable[[str], None] | None) -> Store | None:
+    """The local store, or None (after one warning) when it cannot be used:
+    a run then goes on uncached rather than failing."""
+    from hitz.executor.store import CacheUnavailable
+
+    try:
+        return Store(cache_folder(manifest),
+                     max_bytes=manifest.cache_max_bytes or DEFAULT_CACHE_BYTES)
+    except CacheUnavailable as exc:
+        if warn is None:
+            raise
+        warn(f"{exc.message}; running without the cache"
+             + (f"\n\nhint: {exc.hint}" if exc.hint else ""))
+        return None

@@ -1,7 +1,8 @@
 """Run a plan's tasks on a sandbox backend, highest priority first.
 
 The scheduler owns the order of work and nothing else: ``prepare`` turns a
-task into a ``SandboxSpec``, the backend runs it, ``finish`` turns the
+task into a ``SandboxSpec`` (or into its ``TaskResult`` at once, when the
+cache holds it), the backend runs it, ``finish`` turns the
 backend's result into the task's ``TaskResult`` (promoting outputs, deciding
 the outcome). Observers watch through ``RunObserver`` events. There is no file
 I/O and no sleeping here: time comes from a ``Clock`` and from the backend's
@@ -60,7 +61,7 @@ class Scheduler:
         plan: Plan,
         backend: SandboxBackend,
         *,
-        prepare: Callable[[TaskDef], SandboxSpec],
+        prepare: Callable[[TaskDef], SandboxSpec | TaskResult],
         finish: Callable[[TaskDef, SandboxResult], TaskResult],
         observers: Sequence[RunObserver] = (),
         jobs: int = DEFAULT_JOBS,
@@ -189,7 +190,13 @@ class Scheduler:
         self._running[name] = self._clock.now()
         self._emit(lambda o: o.task_started(name))
         try:
-            self._backend.start(self._prepare(task))
+            prepared = self._prepare(task)
+            if isinstance(prepared, TaskResult):
+                # Served from the cache: done without a sandbox.
+                self._running.pop(name)
+                self._record(prepared)
+            else:
+                self._backend.start(prepared)
         except HitzError as exc:
             # The sandbox was never entered: fail the task here, not the run.
             started_at = self._running.pop(name)

@@ -149,7 +149,7 @@ class Project:
             proc = subprocess.run(
                 [*HITZ, *args],
                 cwd=self.root,
-                env=_hitz_env(env),
+                env=_hitz_env(env, self.root),
                 capture_output=True,
                 text=True,
                 timeout=guard_s,
@@ -174,7 +174,7 @@ class Project:
         proc = subprocess.Popen(
             [*HITZ, "run", "--config", "hitz.toml", "--json", *args],
             cwd=self.root,
-            env=_hitz_env(None),
+            env=_hitz_env(None, self.root),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -229,9 +229,12 @@ class Project:
             proc.communicate()
 
 
-def _hitz_env(extra: Mapping[str, str] | None) -> dict[str, str]:
+def _hitz_env(extra: Mapping[str, str] | None, root: Path) -> dict[str, str]:
     env = dict(os.environ)
     env["NO_COLOR"] = "1"
+    # Each project its own cache: a result one test cached must not make
+    # another test's task a cache hit that never runs its sandbox.
+    env["HITZ_CACHE_DIR"] = str(root.parent / f"{root.name}.hitz-cache")
     env.update(extra or {})
     return env
 

@@ -6,6 +6,7 @@ manifest or the command line is wrong)."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import stat
 
@@ -250,9 +251,13 @@ def test_json_summary_shape(project: Project) -> None:
     for entry in summary["tasks"]:
         assert set(entry) == {
             "name", "outcome", "status", "exit_code", "duration_s", "message", "logs",
+            "cached", "action_digest",
         }
     first, second = summary["tasks"]
     assert (first["outcome"], first["exit_code"], first["message"]) == ("succeeded", 0, None)
+    assert first["cached"] is False
+    assert re.fullmatch(r"[0-9a-f]{64}/[0-9]+", first["action_digest"])
+    assert second["action_digest"] is None  # a failure has no cache entry
     assert (second["outcome"], second["exit_code"]) == ("failed", 2)
     assert all(path.startswith(str(project.root)) for path in first["logs"] + second["logs"])
     # Progress goes to stderr; stdout holds only the JSON document.

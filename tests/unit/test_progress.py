@@ -216,6 +216,8 @@ def test_json_summary_writes_one_document_at_the_end() -> None:
                 "duration_s": 0.42,
                 "message": None,
                 "logs": [],
+                "cached": False,
+                "action_digest": None,
             },
             {
                 "name": "link",
@@ -225,6 +227,8 @@ def test_json_summary_writes_one_document_at_the_end() -> None:
                 "duration_s": 0.1,
                 "message": "exited with status 1",
                 "logs": [".hitz/logs/link.stderr"],
+                "cached": False,
+                "action_digest": None,
             },
             {
                 "name": "test",
@@ -234,6 +238,8 @@ def test_json_summary_writes_one_document_at_the_end() -> None:
                 "duration_s": 0.0,
                 "message": 'dependency ":link" failed',
                 "logs": [],
+                "cached": False,
+                "action_digest": None,
             },
             {
                 "name": "docs",
@@ -243,6 +249,8 @@ def test_json_summary_writes_one_document_at_the_end() -> None:
                 "duration_s": 0.0,
                 "message": 'not started because ":link" failed',
                 "logs": [],
+                "cached": False,
+                "action_digest": None,
             },
         ],
     }

@@ -1,0 +1,163 @@
+"""A task's cache key: the digest of its REAPI ``Action``.
+
+The Action names a ``Command`` (argv, environment, output paths, working
+directory, platform properties) and the Merkle tree of the input root; the
+digest of its serialized bytes is the key everywhere: the local store, a
+remote cache, remote execution. The sandbox backend is not in the key: every
+backend keeps the same contract. The checkout path, the host's hostname and
+file mtimes are not in it either, so the same task on another machine or in
+another folder gets the same key.
+
+Every message is serialized deterministically, and every repeated field
+that REAPI orders is sorted here, with the spec's rule named where it is.
+"""
+
+from __future__ import annotations
+
+import os
+import platform as _platform
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from hitz.executor.model import TaskDef
+from hitz.executor.store import Digest
+from hitz.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as pb
+
+# Bump when the meaning of a task changes without its Action changing (the
+# sandbox's contract, how inputs are laid out): every key moves with it.
+SANDBOX_CONTRACT = "namespace-1"
+
+
+@dataclass(frozen=True, slots=True)
+class InputFile:
+    path: str  # project-relative, POSIX
+    digest: Digest
+    executable: bool
+
+
+@dataclass(frozen=True)
+class ActionKey:
+    """The key and everything needed to explain it or send it elsewhere.
+
+    ``blobs`` maps digests to the serialized Action, Command and every
+    Directory of the input root (what a remote needs besides the files).
+    """
+
+    digest: Digest
+    command: pb.Command
+    platform: Mapping[str, str]
+    inputs: Mapping[str, str]  # path -> file hash, for explanations
+    blobs: Mapping[Digest, bytes] = field(repr=False)
+
+
+def digest_of(message: pb.Action | pb.Command | pb.Directory | pb.Tree) -> tuple[Digest, bytes]:
+    data = message.SerializeToString(deterministic=True)
+    return Digest.of(data), data
+
+
+def platform_properties(task: TaskDef, rootfs_identity: str) -> dict[str, str]:
+    """What the task's result depends on besides its command and inputs."""
+    return {
+        "OSFamily": "linux",
+        "ISA": _platform.machine().replace("_", "-"),
+        "hitz.network": task.network,
+        "hitz.rootfs": rootfs_identity,
+        "hitz.sandbox": SANDBOX_CONTRACT,
+    }
+
+
+def build_key(
+    task: TaskDef,
+    env: Mapping[str, str],
+    files: Iterable[InputFile],
+    properties: Mapping[str, str],
+) -> ActionKey:
+    blobs: dict[Digest, bytes] = {}
+    platform = pb.Platform(properties=[
+        # REAPI Platform: "properties ... MUST be sorted by name, then value".
+        pb.Platform.Property(name=name, value=properties[name]) for name in sorted(properties)
+    ])
+    outputs = sorted(out.rstrip("/") for out in task.outputs)
+    command = pb.Command(
+        arguments=list(task.argv),
+        # REAPI Command.environment_variables: "MUST be sorted by name".
+        environment_variables=[
+            pb.Command.EnvironmentVariable(name=name, value=env[name]) for name in sorted(env)
+        ],
+        # REAPI Command.output_paths / output_files / output_directories:
+        # "MUST be sorted lexicographically by code point".
+        output_paths=outputs,
+        output_files=sorted(o for o in task.outputs if not o.endswith("/")),
+        output_directories=sorted(o.rstrip("/") for o in task.outputs if o.endswith("/")),
+        working_directory="",
+        platform=platform,
+    )
+    command_digest, command_bytes = digest_of(command)
+    blobs[command_digest] = command_bytes
+    files = sorted(files, key=lambda f: f.path)
+    root_digest = _input_root(files, blobs)
+    action = pb.Action(
+        command_digest=_pb_digest(command_digest),
+        input_root_digest=_pb_digest(root_digest),
+        do_not_cache=False,
+        platform=platform,
+    )
+    action.timeout.FromNanoseconds(int(task.timeout_s * 1e9))
+    action_digest, action_bytes = digest_of(action)
+    blobs[action_digest] = action_bytes
+    return ActionKey(
+        digest=action_digest,
+        command=command,
+        platform=dict(properties),
+        inputs={f.path: f.digest.hash for f in files},
+        blobs=blobs,
+    )
+
+
+def _pb_digest(digest: Digest) -> pb.Digest:
+    return pb.Digest(hash=digest.hash, size_bytes=digest.size)
+
+
+def _input_root(files: list[InputFile], blobs: dict[Digest, bytes]) -> Digest:
+    """The Merkle tree of ``files``; every Directory goes into ``blobs``."""
+    tree: dict[str, object] = {}
+    for f in files:
+        node = tree
+        *folders, name = f.path.split("/")
+        for folder in folders:
+            child = node.setdefault(folder, {})
+            assert isinstance(child, dict), f"{f.path}: a file and a folder share a name"
+            node = child
+        node[name] = f
+    return _directory(tree, blobs)
+
+
+def _directory(node: Mapping[str, object], blobs: dict[Digest, bytes]) -> Digest:
+    files, dirs = [], []
+    # REAPI Directory: "files, directories and symlinks MUST be sorted in
+    # lexicographical order by name" (code point order, as sorted() gives).
+    for name in sorted(node):
+        child = node[name]
+        if isinstance(child, InputFile):
+            files.append(pb.FileNode(name=name, digest=_pb_digest(child.digest),
+                                     is_executable=child.executable))
+        else:
+            assert isinstance(child, Mapping)
+            dirs.append(pb.DirectoryNode(name=name, digest=_pb_digest(_directory(child, blobs))))
+    digest, data = digest_of(pb.Directory(files=files, directories=dirs))
+    blobs[digest] = data
+    return digest
+
+
+def host_rootfs_identity(digest_file: Callable[[str], tuple[Digest, bool]]) -> str:
+    """What ``rootfs = "host"`` stands for: the distribution and its installed
+    package set, so a toolchain upgrade on the host changes every key.
+    ``digest_file(path) -> (Digest, executable)`` hashes through the stat cache.
+    """
+    parts = []
+    for path in ("/etc/os-release", "/var/lib/dpkg/status", "/var/lib/rpm/rpmdb.sqlite",
+                 "/lib/apk/db/installed"):
+        if os.path.exists(path):
+            digest, _ = digest_file(path)
+            parts.append(digest.hash[:16])
+    return "host:" + "-".join(parts)

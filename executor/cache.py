@@ -1,0 +1,331 @@
+"""The task cache: decide hit or miss, restore outputs, record results.
+
+``TaskCache.lookup`` is where a miss is decided, so it is also where the
+reason is recorded in the user's words (``:build: input src/main.c changed``)
+for ``hitz run --explain`` and ``hitz explain``; the reasons cannot drift from
+the logic. ``TaskCache.record`` stores a successful task's outputs and its
+``ActionResult``.
+
+Never cached: a task that failed, timed out or was killed (only successes
+reach ``record``), a task with ``cache = false``, and a task with
+``network = "host"`` unless it says ``cache = true``.
+
+The store is optional at every step: when the cache folder cannot be used,
+hitz warns once and runs everything uncached; a blob that has gone missing
+behind an action-cache hit makes that lookup a miss (the run repairs it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from hitz.executor.actions import ActionKey
+from hitz.executor.model import TaskDef
+from hitz.executor.statcache import StatCache
+from hitz.executor.store import BlobMissing, CacheUnavailable, Digest, Store
+from hitz.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+
+def cacheable(task: TaskDef) -> bool:
+    if task.cache is not None:
+        return task.cache
+    return task.network != "host"
+
+
+@dataclass(frozen=True)
+class Restored:
+    """Outputs restored from the cache: project path -> (digest, executable)."""
+
+    files: Mapping[str, tuple[Digest, bool]]
+
+
+class TaskCache:
+    def __init__(self, store: Store | None, root: Path, state_dir: Path, stat: StatCache,
+                 warn: object = None) -> None:
+        self.store = store
+        self.root = root
+        self.stat = stat
+        self._keys_path = state_dir / "keys.json"
+        self._previous = _load_keys(self._keys_path)
+        self._current: dict[str, dict[str, object]] = {}
+        self.reasons: dict[str, list[str]] = {}
+        self._warn = warn
+        self.warning: str | None = None
+
+    # --- lookups -----------------------------------------------------------------
+    def lookup(self, task: TaskDef, key: ActionKey) -> Restored | None:
+        """Restore ``task``'s outputs if the cache holds its result; else
+        record why not in ``reasons[task.name]`` and return None."""
+        self._current[task.name] = _describe(key)
+        if not cacheable(task):
+            self._miss(task, ["caching is off for this task" if task.cache is False
+                              else 'network = "host" tasks are not cached unless cache = true'])
+            return None
+        if self.store is None:
+            self._miss(task, ["no cache available"])
+            return None
+        try:
+            data = self.store.get_action_result(key.digest)
+            if data is None:
+                self._miss(task, self.explain(task.name, key))
+                return None
+            result = pb.ActionResult.FromString(data)
+            if result.exit_code != 0:
+                self._miss(task, ["the cached result is a failure"])
+                return None
+            return self._restore(task, result)
+        except BlobMissing:
+            self._miss(task, ["a cached output is missing from the cache"])
+            return None
+        except CacheUnavailable as exc:
+            self._disable(exc)
+            self._miss(task, ["no cache available"])
+            return None
+
+    def explain(self, name: str, key: ActionKey) -> list[str]:
+        """Why ``key`` differs from the last one recorded for ``name``."""
+        before = self._previous.get(name)
+        if before is None:
+            return ["no earlier run recorded"]
+        now = _describe(key)
+        if before.get("action") == now["action"]:
+            return ["no entry in the cache (evicted, or never stored)"]
+        reasons = []
+        old_inputs, new_inputs = before.get("inputs", {}), now["inputs"]
+        assert isinstance(old_inputs, dict) and isinstance(new_inputs, dict)
+        for path in sorted(set(old_inputs) | set(new_inputs)):
+            if path not in old_inputs:
+                reasons.append(f"input {path} added")
+            elif path not in new_inputs:
+                reasons.append(f"input {path} removed")
+            elif old_inputs[path] != new_inputs[path]:
+                reasons.append(f"input {path} changed")
+        if before.get("argv") != now["argv"]:
+            reasons.append("command changed")
+        old_env, new_env = before.get("env", {}), now["env"]
+        assert isinstance(old_env, dict) and isinstance(new_env, dict)
+        for name_ in sorted(set(old_env) | set(new_env)):
+            if old_env.get(name_) != new_env.get(name_):
+                reasons.append(f"env {name_} changed")
+        old_platform, new_platform = before.get("platform", {}), now["platform"]
+        assert isinstance(old_platform, dict) and isinstance(new_platform, dict)
+        words = {"hitz.rootfs": "rootfs", "hitz.network": "network policy",
+                 "hitz.sandbox": "sandbox policy"}
+        for prop in sorted(set(old_platform) | set(new_platform)):
+            if old_platform.get(prop) != new_platform.get(prop):
+                reasons.append(f"{words.get(prop, prop)} changed")
+        if before.get("outputs") != now["outputs"]:
+            reasons.append("declared outputs changed")
+        return reasons or ["timeout changed"]
+
+    def _miss(self, task: TaskDef, reasons: list[str]) -> None:
+        self.reasons[task.name] = reasons
+
+    # --- restoring -----------------------------------------------------------------
+    def _restore(self, task: TaskDef, result: pb.ActionResult) -> Restored:
+        assert self.store is not None
+        files: dict[str, tuple[Digest, bool]] = {}
+        for out in result.output_files:
+            digest = Digest(out.digest.hash, out.digest.size_bytes)
+            self._restore_file(out.path, digest, out.is_executable)
+            files[out.path] = (digest, out.is_executable)
+        for out_dir in result.output_directories:
+            tree = pb.Tree.FromString(
+                self.store.read_bytes(Digest(out_dir.tree_digest.hash,
+                                             out_dir.tree_digest.size_bytes)))
+            files.update(self._restore_tree(out_dir.path, tree))
+        for link in result.output_symlinks:
+            self._restore_symlink(link.path, link.target)
+        return Restored(files)
+
+    def _restore_file(self, rel: str, digest: Digest, executable: bool) -> None:
+        assert self.store is not None
+        dest = self.root / rel
+        try:
+            current, is_exec = self.stat.digest(str(dest))
+            if current == digest and is_exec == executable and not dest.is_symlink():
+                return  # already there: do not rewrite it
+        except OSError:
+            pass
+        if dest.is_dir() and not dest.is_symlink():
+            shutil.rmtree(dest)
+        self.store.copy_to(digest, dest, executable=executable)
+
+    def _restore_symlink(self, rel: str, target: str) -> None:
+        dest = self.root / rel
+        tmp = dest.with_name(f".{dest.name}.hitz-tmp")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp.unlink(missing_ok=True)
+        os.symlink(target, tmp)
+        os.replace(tmp, dest)
+
+    def _restore_tree(self, rel: str, tree: pb.Tree) -> dict[str, tuple[Digest, bool]]:
+        """Rebuild a directory output beside its place, then swap it in."""
+        assert self.store is not None
+        children = {}
+        for child in tree.children:
+            data = child.SerializeToString(deterministic=True)
+            children[Digest.of(data).hash] = child
+        dest = self.root / rel
+        staging = dest.with_name(f".{dest.name}.hitz-restore")
+        if staging.exists():
+            shutil.rmtree(staging)
+        files: dict[str, tuple[Digest, bool]] = {}
+
+        def build(directory: pb.Directory, folder: Path, prefix: str) -> None:
+            folder.mkdir(parents=True, exist_ok=True)
+            for f in directory.files:
+                digest = Digest(f.digest.hash, f.digest.size_bytes)
+                self.store.copy_to(digest, folder / f.name,  # type: ignore[union-attr]
+                                   executable=f.is_executable)
+                files[f"{prefix}/{f.name}"] = (digest, f.is_executable)
+            for link in directory.symlinks:
+                os.symlink(link.target, folder / link.name)
+            for d in directory.directories:
+                sub = children.get(d.digest.hash)
+                if sub is None:
+                    raise BlobMissing(f"directory {d.digest.hash} missing from a cached tree")
+                build(sub, folder / d.name, f"{prefix}/{d.name}")
+
+        try:
+            build(tree.root, staging, rel)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        if dest.is_dir() and not dest.is_symlink():
+            old = dest.with_name(f".{dest.name}.hitz-old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(dest, old)
+            os.rename(staging, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            if dest.exists() or dest.is_symlink():
+                dest.unlink()
+            os.rename(staging, dest)
+        return files
+
+    # --- recording ---------------------------------------------------------------------
+    def record(self, task: TaskDef, key: ActionKey,
+               outputs: list[tuple[str, str]]) -> dict[str, tuple[Digest, bool]] | None:
+        """Store a successful task's outputs (``(declared path, staged path)``)
+        and its ActionResult. Returns the digests of the output files by
+        project path, or None when nothing was stored."""
+        if self.store is None or not cacheable(task):
+            return None
+        try:
+            return self._record(key, outputs)
+        except CacheUnavailable as exc:
+            self._disable(exc)
+            return None
+
+    def _record(self, key: ActionKey, outputs: list[tuple[str, str]]
+                ) -> dict[str, tuple[Digest, bool]]:
+        assert self.store is not None
+        result = pb.ActionResult(exit_code=0)
+        files: dict[str, tuple[Digest, bool]] = {}
+        for declared, staged in sorted(outputs):
+            rel = declared.rstrip("/")
+            st = os.lstat(staged)
+            if declared.endswith("/"):
+                tree, tree_files = self._tree(staged, rel)
+                data = tree.SerializeToString(deterministic=True)
+                digest = self.store.put_bytes(data)
+                result.output_directories.add(
+                    path=rel, tree_digest=pb.Digest(hash=digest.hash, size_bytes=digest.size))
+                files.update(tree_files)
+            elif stat.S_ISLNK(st.st_mode):
+                result.output_symlinks.add(path=rel, target=os.readlink(staged))
+            else:
+                digest = self.store.put_file(staged)
+                executable = bool(st.st_mode & 0o111)
+                result.output_files.add(
+                    path=rel, digest=pb.Digest(hash=digest.hash, size_bytes=digest.size),
+                    is_executable=executable)
+                files[rel] = (digest, executable)
+        for digest, blob in key.blobs.items():
+            if not self.store.contains(digest):
+                self.store.put_bytes(blob)
+        self.store.put_action_result(key.digest, result.SerializeToString(deterministic=True))
+        return files
+
+    def _tree(self, folder: str, rel: str) -> tuple[pb.Tree, dict[str, tuple[Digest, bool]]]:
+        assert self.store is not None
+        files: dict[str, tuple[Digest, bool]] = {}
+        children: list[pb.Directory] = []
+
+        def directory(path: str, prefix: str) -> pb.Directory:
+            node = pb.Directory()
+            # REAPI Directory: entries "MUST be sorted in lexicographical order by name".
+            for name in sorted(os.listdir(path)):
+                full = os.path.join(path, name)
+                st = os.lstat(full)
+                if stat.S_ISLNK(st.st_mode):
+                    node.symlinks.add(name=name, target=os.readlink(full))
+                elif stat.S_ISDIR(st.st_mode):
+                    child = directory(full, f"{prefix}/{name}")
+                    children.append(child)
+                    data = child.SerializeToString(deterministic=True)
+                    d = Digest.of(data)
+                    node.directories.add(name=name,
+                                         digest=pb.Digest(hash=d.hash, size_bytes=d.size))
+                else:
+                    assert self.store is not None
+                    d = self.store.put_file(full)
+                    executable = bool(st.st_mode & 0o111)
+                    node.files.add(name=name, digest=pb.Digest(hash=d.hash, size_bytes=d.size),
+                                   is_executable=executable)
+                    files[f"{prefix}/{name}"] = (d, executable)
+            return node
+
+        root = directory(folder, rel)
+        return pb.Tree(root=root, children=children), files
+
+    # --- state ---------------------------------------------------------------------------
+    def _disable(self, exc: CacheUnavailable) -> None:
+        if self.warning is None:
+            self.warning = f"{exc.message}; running without the cache"
+            if exc.hint:
+                self.warning += f"\n\nhint: {exc.hint}"
+            if callable(self._warn):
+                self._warn(self.warning)
+        self.store = None
+
+    def save(self) -> None:
+        """Remember this run's keys, for the explanations of the next one."""
+        if not self._current:
+            return
+        merged = {**self._previous, **self._current}
+        tmp = self._keys_path.with_name(f".{self._keys_path.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(json.dumps(merged))
+            os.replace(tmp, self._keys_path)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+
+
+def _describe(key: ActionKey) -> dict[str, object]:
+    return {
+        "action": str(key.digest),
+        "argv": list(key.command.arguments),
+        "env": {v.name: v.value for v in key.command.environment_variables},
+        "platform": dict(key.platform),
+        "outputs": list(key.command.output_paths),
+        "inputs": dict(key.inputs),
+    }
+
+
+def _load_keys(path: Path) -> dict[str, dict[str, object]]:
+    try:
+        data = json.loads(path.read_bytes())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}

@@ -1,0 +1,145 @@
+"""The local store's errors, and the one border where ``OSError`` becomes them.
+
+::
+
+    HitzError
+    └── CacheError                 a cache could not give or keep what was asked
+        ├── CacheUnavailable       the cache folder can't be used: unwritable,
+        │                          full, not a folder, I/O error (run uncached)
+        └── BlobMissing            a blob is not in the store
+            └── BlobCorrupt        it was there but failed verification; removed
+
+The classes belong in ``hitz.executor.errors`` beside the rest of the tree;
+they live here until they move. ``cache_io`` and ``output_io`` are the only
+places in ``hitz.executor.store*`` that turn an ``OSError`` into a hitz error:
+one for the cache folder (``CacheUnavailable``), one for the caller's own
+files that are stored or materialised (``OutputError``).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+from types import TracebackType
+
+from hitz.executor.errors import HitzError, OutputError, Reason
+
+__all__ = [
+    "BlobCorrupt",
+    "BlobMissing",
+    "CacheError",
+    "CacheErrorReason",
+    "CacheUnavailable",
+    "cache_io",
+    "output_io",
+]
+
+
+class CacheErrorReason(Reason):
+    UNWRITABLE = "unwritable"  # EACCES, EPERM, EROFS on the cache folder
+    NOT_A_FOLDER = "not-a-folder"  # the cache folder's path is a file
+    DISK_FULL = "disk-full"  # ENOSPC, EDQUOT
+    IO_ERROR = "io-error"  # any other OSError on the cache folder
+    MISSING = "missing"  # the blob is not in the store
+    CORRUPT = "corrupt"  # the blob failed verification and was removed
+
+
+class CacheError(HitzError):
+    """A cache could not give or keep what was asked."""
+
+
+class CacheUnavailable(CacheError):
+    """The cache cannot be used at all; the caller may run uncached."""
+
+
+class BlobMissing(CacheError):
+    """A blob the caller expected is not in the store."""
+
+
+class BlobCorrupt(BlobMissing):
+    """A blob failed verification against its digest; it was removed."""
+
+
+def cache_io(folder: Path) -> _CacheIO:
+    """``with cache_io(folder):`` turns an ``OSError`` into ``CacheUnavailable``.
+
+    For operations on the cache folder ``folder`` (named in the message) and
+    nothing else: the reason says whether it is full, unwritable or failing.
+    """
+    return _CacheIO(folder)
+
+
+def output_io(path: str | os.PathLike[str], verb: str) -> _OutputIO:
+    """``with output_io(path, "read"):`` turns an ``OSError`` into ``OutputError``.
+
+    For the caller's file ``path`` that is being stored or materialised.
+    """
+    return _OutputIO(path, verb)
+
+
+class _CacheIO:
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if isinstance(exc, OSError):
+            raise _unavailable(self.folder, exc) from exc
+
+
+_FULL = {errno.ENOSPC, errno.EDQUOT}
+_UNWRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def _unavailable(folder: Path, exc: OSError) -> CacheUnavailable:
+    detail = f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    if exc.errno in _FULL:
+        return CacheUnavailable(
+            f"cache folder `{folder}` is full: {exc.strerror}",
+            detail=detail,
+            hint="free some space, or give the cache a smaller size limit",
+            reason=CacheErrorReason.DISK_FULL,
+        )
+    if exc.errno in _UNWRITABLE:
+        return CacheUnavailable(
+            f"cache folder `{folder}` is not writable: {exc.strerror}",
+            detail=detail,
+            hint="choose another cache folder (`HITZ_CACHE_DIR`)",
+            reason=CacheErrorReason.UNWRITABLE,
+        )
+    return CacheUnavailable(
+        f"cache folder `{folder}` can't be used: {exc.strerror}",
+        detail=detail,
+        reason=CacheErrorReason.IO_ERROR,
+    )
+
+
+class _OutputIO:
+
+    def __init__(self, path: str | os.PathLike[str], verb: str) -> None:
+        self.path = path
+        self.verb = verb
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if isinstance(exc, OSError):
+            raise OutputError(
+                f"can't {self.verb} `{os.fspath(self.path)}`: {exc.strerror}",
+                detail=f"{exc.filename}: {exc.strerror}" if exc.filename else None,
+            ) from exc
