@@ -17,6 +17,7 @@ cancels everything, drains the backend and still returns a summary.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import os
 import time
@@ -93,6 +94,10 @@ class Scheduler:
         self._first_failure: str | None = None
         self._started_at: float | None = None
         self._interrupted = False  # Ctrl-C or SIGTERM arrived
+        self._held: str | None = None  # prepared ahead by the backend, not started
+        self._unreleased: set[str] = set()  # prepared ahead and never started
+        self._announcing: str | None = None  # being released, task_started emitted
+        self._stopped: set[str] = set()  # announced as started, cancelled before it ran
         self._absorb_interrupts = False  # set once a Ctrl-C can no longer stop anything
 
     def run(self) -> RunSummary:
@@ -135,9 +140,12 @@ class Scheduler:
         """May ready tasks start before the ended ones are finished? Only if
         they all succeeded (a failure stops new starts) and finishing them
         releases no task that outranks the best one ready now."""
-        if not self._ready or not all(e.status is Status.SUCCEEDED for e in self._ended):
+        candidates = [self._ready[0]] if self._ready else []
+        if self._held is not None:
+            candidates.append(self._ready_key(self._held))
+        if not candidates or not all(e.status is Status.SUCCEEDED for e in self._ended):
             return False
-        best = self._ready[0]
+        best = min(candidates)
         released: dict[str, int] = {}
         for ended in self._ended:
             for dep in self._plan.dependents.get(ended.task, ()):
@@ -148,14 +156,56 @@ class Scheduler:
         )
 
     def _fill(self) -> None:
-        """Start ready tasks, highest priority first, while slots are free.
-        A task that ended but is not finished yet no longer holds a slot."""
-        while (
-            self._ready
-            and len(self._running) - len(self._ended) < self._jobs
-            and not self._stopping
-        ):
-            self._start(heapq.heappop(self._ready)[2])
+        """Start ready tasks, highest priority first, while slots are free,
+        then prepare the next one ahead (see ``_hold``). A task that ended
+        but is not finished yet no longer holds a slot; a held one never did.
+        """
+        while not self._stopping:
+            busy = len(self._running) - len(self._ended) - (self._held is not None)
+            if busy >= self._jobs:
+                break
+            held = self._held
+            if held is not None and (not self._ready or self._ready_key(held) < self._ready[0]):
+                self._held = None
+                self._running[held] = self._clock.now()
+                self._announcing = held
+                self._started(held)  # a Ctrl-C may land here
+                self._backend.release(held)
+                self._announcing = None
+                self._unreleased.discard(held)
+            elif self._ready:
+                self._start(heapq.heappop(self._ready)[2])
+            else:
+                break
+        self._hold()
+
+    def _hold(self) -> None:
+        """Build the sandbox of the best ready task now, while the slots are
+        busy, so that it starts the moment one frees (the set-up of a
+        sandbox is a few milliseconds a slot would otherwise sit idle).
+        Its task is started and observed only when released."""
+        if self._stopping:
+            if self._held is not None:
+                self._backend.cancel(self._held)  # its result comes back CANCELLED
+                self._held = None
+            return
+        while self._held is None and self._ready and not self._stopping:
+            name = heapq.heappop(self._ready)[2]
+            try:
+                prepared = self._prepare(self._plan.tasks[name])
+            except HitzError as exc:
+                self._running[name] = self._clock.now()
+                self._started(name)
+                self._fail_unstarted(name, exc)
+                continue
+            if isinstance(prepared, TaskResult):  # from the cache: done already
+                self._started(name)
+                self._record(prepared)
+                continue
+            self._backend.prestart(prepared)
+            self._held = name
+            self._unreleased.add(name)
+            self._running[name] = self._clock.now()
 
     def _drain(self) -> None:
         """After Ctrl-C: cancel the running tasks and finish each of them.
@@ -198,17 +248,20 @@ class Scheduler:
             else:
                 self._backend.start(prepared)
         except HitzError as exc:
-            # The sandbox was never entered: fail the task here, not the run.
-            started_at = self._running.pop(name)
-            self._record(
-                TaskResult(
-                    name=name,
-                    outcome=Outcome.FAILED,
-                    status=Status.SETUP_FAILED.value,
-                    duration_s=self._clock.now() - started_at,
-                    message=exc.message,
-                )
+            self._fail_unstarted(name, exc)
+
+    def _fail_unstarted(self, name: str, exc: HitzError) -> None:
+        """The sandbox was never entered: fail the task here, not the run."""
+        started_at = self._running.pop(name)
+        self._record(
+            TaskResult(
+                name=name,
+                outcome=Outcome.FAILED,
+                status=Status.SETUP_FAILED.value,
+                duration_s=self._clock.now() - started_at,
+                message=exc.message,
             )
+        )
 
     def _finish_ended(self) -> None:
         # Pop before finishing: a Ctrl-C inside ``finish`` must not make the
@@ -218,6 +271,18 @@ class Scheduler:
             if self._running.pop(ended.task, None) is None:
                 continue  # not ours, or already finished
             task = self._plan.tasks[ended.task]
+            if ended.task in self._unreleased:
+                # Prepared ahead, never started: ``finish`` still cleans up.
+                self._unreleased.discard(ended.task)
+                if self._held == ended.task:
+                    self._held = None
+                if ended.status is Status.CANCELLED:
+                    with contextlib.suppress(HitzError):
+                        self._finish(task, ended)
+                    if ended.task == self._announcing:
+                        self._stopped.add(ended.task)  # observers saw it start
+                    continue  # reported with the never-started tasks
+                self._started(task.name)  # its set-up failed
             try:
                 result = self._finish(task, ended)
             except HitzError as exc:
@@ -296,13 +361,16 @@ class Scheduler:
             self._finished(result)
 
     def _cancel_message(self, name: str) -> str:
-        if name in self._running:  # started, but the backend never returned a result
+        if name in self._running or name in self._stopped:  # started, never ran to an end
             return "stopped: the run was interrupted"
         if self._interrupted:
             return "not started: the run was interrupted"
         if self._first_failure is not None:
             return f'not started because ":{self._first_failure}" failed'
         return "not started"
+
+    def _started(self, name: str) -> None:
+        self._emit(lambda o: o.task_started(name))
 
     def _planned(self, name: str) -> None:
         priority = self._plan.priority[name]

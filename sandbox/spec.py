@@ -119,7 +119,9 @@ class SandboxResult:
 class SandboxBackend(Protocol):
     """Runs prepared specs concurrently. Single-threaded use only.
 
-    ``start`` launches a task and returns at once. ``wait`` blocks until at
+    ``start`` launches a task and returns at once; ``prestart`` and
+    ``release`` do the same in two steps, so the set-up can happen while a
+    slot is busy. ``wait`` blocks until at
     least one started task has ended or ``timeout`` seconds have passed, and
     returns the results of those that ended. ``cancel_all`` terminates every
     running task; their results (status CANCELLED) are still returned by
@@ -128,6 +130,19 @@ class SandboxBackend(Protocol):
     """
 
     def start(self, spec: SandboxSpec) -> None: ...
+
+    def prestart(self, spec: SandboxSpec) -> None:
+        """Prepare ``spec``'s sandbox now; its task starts on ``release``.
+        A backend with nothing to prepare ahead may simply remember it."""
+        ...
+
+    def release(self, task: str) -> None:
+        """Start the task of a prestarted sandbox; its timeout counts from now."""
+        ...
+
+    def cancel(self, task: str) -> None:
+        """Drop a prestarted sandbox; ``wait`` returns it as CANCELLED."""
+        ...
 
     def wait(self, timeout: float | None = None) -> list[SandboxResult]: ...
 

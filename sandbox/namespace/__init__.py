@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import math
 import os
 import selectors
 import signal
@@ -84,6 +85,7 @@ class _Launch:
     eof: bool = False
     exit: tuple[int, Any] | None = None  # (wait status, rusage) once reaped
     reaped_at: float = 0.0
+    go_w: int | None = None  # a held launch waits for a byte on this pipe
 
 
 class NamespaceBackend:
@@ -99,9 +101,37 @@ class NamespaceBackend:
         self._base: dict[str, tuple[list[Op], bytes]] = {}  # by network
         self._devnull = -1
         self._done: list[_Launch] = []  # given up waiting for their report pipe
+        self._held: dict[str, _Launch] = {}  # prestarted, waiting for release
 
     # --- SandboxBackend ---------------------------------------------------
     def start(self, spec: SandboxSpec) -> None:
+        self._launch(spec, hold=False)
+
+    def prestart(self, spec: SandboxSpec) -> None:
+        """Build ``spec``'s sandbox now but start its task only on ``release``
+        (its timeout counts from then), or never, on ``cancel``."""
+        self._launch(spec, hold=True)
+
+    def release(self, task: str) -> None:
+        launch = self._held.pop(task)
+        assert launch.go_w is not None
+        with contextlib.suppress(BrokenPipeError):  # it died while held: its result says how
+            os.write(launch.go_w, b"G")
+        os.close(launch.go_w)
+        launch.go_w = None
+        launch.started = time.monotonic()
+        launch.deadline = launch.started + launch.spec.timeout
+
+    def cancel(self, task: str) -> None:
+        """Drop a held launch: it ends without running its task."""
+        launch = self._held.pop(task)
+        launch.cancelled = True
+        if launch.go_w is not None:
+            os.close(launch.go_w)  # end of file: the launcher exits
+            launch.go_w = None
+        launch.deadline = time.monotonic()  # and if it does not, it is killed
+
+    def _launch(self, spec: SandboxSpec, *, hold: bool) -> None:
         if self._launcher is None:
             self._launcher = launcher_path()
             self._devnull = _high(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
@@ -111,28 +141,34 @@ class NamespaceBackend:
         plan = _high(os.memfd_create("hitz-plan", os.MFD_CLOEXEC))
         report_r, report_w = os.pipe2(os.O_CLOEXEC)
         report_w = _high(report_w)
+        go_r, go_w = os.pipe2(os.O_CLOEXEC) if hold else (-1, None)
+        if hold:
+            go_r = _high(go_r)
         # The task's streams go to memory first and reach the log files only
         # if they are not empty: creating two files per task costs ~0.4 ms
         # on this disk, and most tasks print nothing.
         out = _high(os.memfd_create(f"hitz-{spec.task}-stdout", os.MFD_CLOEXEC))
         err = _high(os.memfd_create(f"hitz-{spec.task}-stderr", os.MFD_CLOEXEC))
+        actions = [
+            (os.POSIX_SPAWN_DUP2, self._devnull, 0),
+            (os.POSIX_SPAWN_DUP2, out, 1),
+            (os.POSIX_SPAWN_DUP2, err, 2),
+            (os.POSIX_SPAWN_DUP2, plan, 3),
+            (os.POSIX_SPAWN_DUP2, report_w, 4),
+        ]
+        if hold:
+            actions.append((os.POSIX_SPAWN_DUP2, go_r, 5))
         try:
-            os.write(plan, self._header(spec, len(base) + len(ops)) + base_bytes
+            os.write(plan, self._header(spec, len(base) + len(ops), hold) + base_bytes
                      + _join(flatten(ops)))
             pid = os.posix_spawn(
                 self._launcher, ["hitz-launch", str(os.getpid())], {},
-                file_actions=[
-                    (os.POSIX_SPAWN_DUP2, self._devnull, 0),
-                    (os.POSIX_SPAWN_DUP2, out, 1),
-                    (os.POSIX_SPAWN_DUP2, err, 2),
-                    (os.POSIX_SPAWN_DUP2, plan, 3),
-                    (os.POSIX_SPAWN_DUP2, report_w, 4),
-                ],
+                file_actions=actions,
                 # Its own session: the terminal's Ctrl-C is hitz's to handle.
                 setsid=True,
             )
         except OSError as exc:
-            for fd in (report_r, out, err):
+            for fd in (report_r, out, err, *([go_w] if go_w is not None else [])):
                 os.close(fd)
             raise SandboxError(
                 f"cannot start the sandbox launcher `{self._launcher}`: {exc.strerror}",
@@ -141,9 +177,13 @@ class NamespaceBackend:
         finally:
             os.close(plan)
             os.close(report_w)
+            if hold:
+                os.close(go_r)
         now = time.monotonic()
         launch = _Launch(spec, [*base, *ops], pid, os.pidfd_open(pid), report_r, out, err,
-                         now, now + spec.timeout)
+                         now, math.inf if hold else now + spec.timeout, go_w=go_w)
+        if hold:
+            self._held[spec.task] = launch
         os.set_blocking(report_r, False)
         self._running[pid] = launch
         self._sel.register(report_r, selectors.EVENT_READ, (launch, "report"))
@@ -180,6 +220,8 @@ class NamespaceBackend:
         return len(self._running)
 
     def cancel_all(self) -> None:
+        for task in list(self._held):
+            self.cancel(task)
         for launch in self._running.values():
             launch.cancelled = True
             self._kill(launch, signal.SIGKILL)
@@ -196,6 +238,10 @@ class NamespaceBackend:
 
     # --- launches ----------------------------------------------------------
     def _complete(self, launch: _Launch) -> SandboxResult:
+        if launch.go_w is not None:  # it ended while held: its set-up failed
+            self._held.pop(launch.spec.task, None)
+            os.close(launch.go_w)
+            launch.go_w = None
         _keep_log(launch.stdout, launch.spec.stdout_path)
         _keep_log(launch.stderr, launch.spec.stderr_path)
         return self._result(launch)
@@ -207,13 +253,14 @@ class NamespaceBackend:
             cached = self._base[spec.network.value] = (ops, _join(flatten(ops)))
         return cached
 
-    def _header(self, spec: SandboxSpec, op_count: int) -> bytes:
+    def _header(self, spec: SandboxSpec, op_count: int, hold: bool) -> bytes:
         env = [f"{key}={value}" for key, value in spec.env.items()]
         return _join([
             "hitz-launch/1",
             "1" if self._host_root else "0",
             str(SANDBOX_HOST_ID if self._host_root else 0),
             spec.network.value,
+            "1" if hold else "0",
             spec.cwd,
             str(len(spec.argv)), *spec.argv,
             str(len(env)), *env,
@@ -281,6 +328,8 @@ class NamespaceBackend:
                     due = now
                 nxt = due if nxt is None else min(nxt, due)
                 continue
+            if launch.go_w is not None:
+                continue  # held: its time starts when it is released
             if launch.killed_at is None and now >= launch.deadline:
                 launch.timed_out = True
                 launch.killed_at = now

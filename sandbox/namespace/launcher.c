@@ -12,7 +12,13 @@
  * file alone.
  *
  * On entry: fd 0 /dev/null, fd 1 and 2 the task's log files, fd 3 a memfd
- * holding the plan, fd 4 the report pipe; argv[1] is hitz's pid.
+ * holding the plan, fd 4 the report pipe, and for a held launch fd 5, the
+ * go pipe; argv[1] is hitz's pid.
+ *
+ * A held launch builds the whole sandbox, then waits for one byte 'G' on
+ * fd 5 before it starts the task (end of file: it exits without running
+ * it). hitz prepares the next task this way while the running ones finish,
+ * so a free slot starts a task at once instead of after the set-up.
  *
  * Processes:
  *
@@ -56,6 +62,7 @@
 
 #define PLAN_FD 3
 #define REPORT_FD 4
+#define GO_FD 5 /* held launches only: one byte 'G' starts the task */
 #define SCRATCH "/tmp"
 
 static char **plan;        /* the plan's NUL-separated fields */
@@ -307,8 +314,9 @@ static void __attribute__((noreturn)) run_task(const char *path, char **argv, ch
     die(argv[0]);
 }
 
-static void __attribute__((noreturn)) init(int network_none, const char *cwd, char **argv,
-                                           char **envp, int to_launcher, int from_launcher) {
+static void __attribute__((noreturn)) init(int network_none, int hold, const char *cwd,
+                                           char **argv, char **envp, int to_launcher,
+                                           int from_launcher) {
     step = "init";
     if (prctl(PR_SET_PDEATHSIG, SIGKILL) < 0) die("PR_SET_PDEATHSIG");
     /* pid 1 only receives signals it handles: install first, so a timeout's
@@ -363,6 +371,15 @@ static void __attribute__((noreturn)) init(int network_none, const char *cwd, ch
     if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0) die("PR_SET_NO_NEW_PRIVS");
     if (chdir(cwd) < 0) die("chdir to the working folder");
 
+    if (hold) {
+        char go;
+        ssize_t got;
+        while ((got = read(GO_FD, &go, 1)) < 0 && errno == EINTR) {
+        }
+        if (got != 1 || go != 'G') _exit(0); /* released without a start: cancelled */
+        close(GO_FD);
+    }
+
     step = "exec";
     char buf[8192];
     const char *path = resolve(argv[0], envp, buf, sizeof buf);
@@ -397,6 +414,8 @@ int main(int argc, char **argv) {
     int host_root = next_int();
     long outer_id = next_int();
     int network_none = strcmp(next(), "none") == 0;
+    int hold = next_int();
+    if (hold && fcntl(GO_FD, F_SETFD, FD_CLOEXEC) < 0) return 4;
     const char *cwd = next();
     long task_argc = next_int();
     char **task_argv = calloc(task_argc + 1, sizeof *task_argv);
@@ -430,7 +449,7 @@ int main(int argc, char **argv) {
     if (pid == 0) {
         close(up[0]);
         close(down[1]);
-        init(network_none, cwd, task_argv, envp, up[1], down[0]);
+        init(network_none, hold, cwd, task_argv, envp, up[1], down[0]);
     }
     child_pid = pid;
     close(up[1]);

@@ -49,8 +49,11 @@ class FakeBackend:
     wait_calls: int = 0
     cancel_calls: int = 0
     closed: bool = False
+    prestarted: list[str] = field(default_factory=list)  # prestart order
+    held: dict[str, SandboxSpec] = field(default_factory=dict)  # prestarted, not released
     # name -> (started at, ends at), in start order
     _running: dict[str, tuple[float, float]] = field(default_factory=dict)
+    _dropped: list[str] = field(default_factory=list)  # held, then cancelled
     _cancelled: bool = False
 
     def take(self, name: str, seconds: float) -> FakeBackend:
@@ -74,10 +77,25 @@ class FakeBackend:
         self._running[spec.task] = (now, now + self.durations.get(spec.task, 1.0))
         self.max_running = max(self.max_running, len(self._running))
 
+    def prestart(self, spec: SandboxSpec) -> None:
+        self.prestarted.append(spec.task)
+        self.held[spec.task] = spec
+
+    def release(self, task: str) -> None:
+        self.start(self.held.pop(task))
+
+    def cancel(self, task: str) -> None:
+        del self.held[task]
+        self._dropped.append(task)
+
     def wait(self, timeout: float | None = None) -> list[SandboxResult]:
         self.wait_calls += 1
         if self.wait_calls in self.interrupt_on_wait:
             raise KeyboardInterrupt
+        if self._dropped:
+            dropped, self._dropped = self._dropped, []
+            return [SandboxResult(name, Status.CANCELLED, None, 0.0, message="cancelled")
+                    for name in dropped]
         if not self._running:
             return []
         if self._cancelled:
@@ -89,11 +107,13 @@ class FakeBackend:
         return [self._result(name) for name in ended]
 
     def running(self) -> int:
-        return len(self._running)
+        return len(self._running) + len(self.held) + len(self._dropped)
 
     def cancel_all(self) -> None:
         self.cancel_calls += 1
         self._cancelled = True
+        for task in list(self.held):
+            self.cancel(task)
 
     def close(self) -> None:
         self.closed = True

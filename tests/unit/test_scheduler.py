@@ -267,7 +267,9 @@ def test_ctrl_c_cancels_running_tasks_and_finishes_each_of_them() -> None:
     finished = run([task("a"), task("b"), task("c"), task("d")], backend, jobs=2)
     assert backend.cancel_calls == 1
     assert backend.running() == 0
-    assert finished.finisher.finished == ["a", "b"]  # their temp folders get removed
+    # Their temp folders get removed, and c's: it was prepared ahead (held).
+    assert sorted(finished.finisher.finished) == ["a", "b", "c"]
+    assert backend.prestarted == ["c"]
     assert finished.summary.interrupted
     assert not finished.summary.ok
     assert [r.outcome for r in finished.summary.results] == [Outcome.CANCELLED] * 4
@@ -348,3 +350,21 @@ def test_no_early_start_after_a_failure() -> None:
     finished = run([task("a"), task("b")], backend, jobs=1)
     assert finished.backend.started == ["a"]
     assert finished.outcome("b") is Outcome.CANCELLED
+
+
+def test_the_next_task_is_prepared_while_the_slots_are_busy() -> None:
+    backend = FakeBackend()
+    finished = run([task("a"), task("b"), task("c")], backend, jobs=1)
+    assert backend.prestarted == ["b", "c"]  # each one while its predecessor ran
+    assert backend.started == ["a", "b", "c"]
+    assert backend.max_running == 1
+    assert finished.summary.ok
+
+
+def test_a_prepared_task_waits_while_a_more_urgent_one_goes_first() -> None:
+    # lint is prepared while compile runs; compile's end makes link ready,
+    # which outranks lint: link starts first, lint stays prepared.
+    backend = FakeBackend()
+    run(BUILD, backend, jobs=1)
+    assert backend.prestarted[0] == "lint"
+    assert backend.started == ["compile", "link", "lint", "test"]
