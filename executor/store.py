@@ -26,10 +26,12 @@ once. It stores bytes; the caller serialises REAPI messages. Its promises
   full, I/O error) raises ``CacheUnavailable``, which the caller may turn into
   an uncached run with one warning. Failures on the caller's own files (the
   file to store, the destination to materialise) raise ``OutputError``.
-  ``OSError`` and zstd errors are translated here and nowhere else.
+  ``OSError`` becomes a hitz error only through ``store_errors.cache_io`` and
+  ``output_io``, zstd errors only in ``store_codec`` (as corruption).
 
 Entry files and the compression rule are ``hitz.executor.store_codec``'s;
-recounting, eviction and temp sweeping are ``hitz.executor.store_gc``'s.
+recounting, eviction and temp sweeping are ``hitz.executor.store_gc``'s; the
+error classes and the ``OSError`` border are ``hitz.executor.store_errors``'s.
 """
 
 from __future__ import annotations

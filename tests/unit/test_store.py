@@ -289,6 +289,15 @@ def test_incompressible_blobs_are_stored_raw(st: Store, folder: Path) -> None:
     assert header(folder, st.put_bytes(os.urandom(64 * 1024))) == b"HZB1raw\n"
 
 
+def test_a_durable_store_round_trips(folder: Path, tmp_path: Path) -> None:
+    with Store(folder, fsync=True) as s:
+        digest = s.put_bytes(COMPRESSIBLE)
+        s.put_action_result(Digest.of(b"action"), digest.hash.encode())
+        s.copy_to(digest, tmp_path / "out")
+        assert s.get_action_result(Digest.of(b"action")) == digest.hash.encode()
+    assert (tmp_path / "out").read_bytes() == COMPRESSIBLE
+
+
 def test_compression_can_be_turned_off(folder: Path) -> None:
     with Store(folder, compress=False) as s:
         digest = s.put_bytes(COMPRESSIBLE)
