@@ -8,6 +8,11 @@
     ├── PlanError                  the task graph is wrong: cycle, unknown target (exit status 2)
     ├── SandboxError               (hitz.sandbox.errors) a sandbox could not be set up
     │   └── SandboxUnavailable     the host cannot enforce the policy (fail closed)
+    ├── CacheError                 a cache could not give or keep what was asked
+    │   ├── CacheUnavailable       the cache folder can't be used: unwritable, full,
+    │   │                          not a folder, I/O error (the run goes on uncached)
+    │   └── BlobMissing            a blob is not in the store
+    │       └── BlobCorrupt        it was there but failed verification; removed
     ├── OutputError                a task's declared outputs could not be kept
     └── Interrupted                Ctrl-C or SIGTERM (exit status 130)
 
@@ -28,6 +33,11 @@ from hitz.sandbox.errors import (
 )
 
 __all__ = [
+    "BlobCorrupt",
+    "BlobMissing",
+    "CacheError",
+    "CacheErrorReason",
+    "CacheUnavailable",
     "HitzError",
     "Interrupted",
     "ManifestError",
@@ -108,3 +118,28 @@ class Interrupted(HitzError):
     """The run was stopped by Ctrl-C or SIGTERM."""
 
     exit_code = 130
+
+
+class CacheErrorReason(Reason):
+    UNWRITABLE = "unwritable"  # EACCES, EPERM, EROFS on the cache folder
+    NOT_A_FOLDER = "not-a-folder"  # the cache folder's path is a file
+    DISK_FULL = "disk-full"  # ENOSPC, EDQUOT
+    IO_ERROR = "io-error"  # any other OSError on the cache folder
+    MISSING = "missing"  # the blob is not in the store
+    CORRUPT = "corrupt"  # the blob failed verification and was removed
+
+
+class CacheError(HitzError):
+    """A cache could not give or keep what was asked."""
+
+
+class CacheUnavailable(CacheError):
+    """The cache cannot be used at all; the caller may run uncached."""
+
+
+class BlobMissing(CacheError):
+    """A blob the caller expected is not in the store."""
+
+
+class BlobCorrupt(BlobMissing):
+    """A blob failed verification against its digest; it was removed."""

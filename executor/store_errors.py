@@ -23,7 +23,14 @@ import os
 from pathlib import Path
 from types import TracebackType
 
-from hitz.executor.errors import HitzError, OutputError, Reason
+from hitz.executor.errors import (
+    BlobCorrupt,
+    BlobMissing,
+    CacheError,
+    CacheErrorReason,
+    CacheUnavailable,
+    OutputError,
+)
 
 __all__ = [
     "BlobCorrupt",
@@ -34,31 +41,6 @@ __all__ = [
     "cache_io",
     "output_io",
 ]
-
-
-class CacheErrorReason(Reason):
-    UNWRITABLE = "unwritable"  # EACCES, EPERM, EROFS on the cache folder
-    NOT_A_FOLDER = "not-a-folder"  # the cache folder's path is a file
-    DISK_FULL = "disk-full"  # ENOSPC, EDQUOT
-    IO_ERROR = "io-error"  # any other OSError on the cache folder
-    MISSING = "missing"  # the blob is not in the store
-    CORRUPT = "corrupt"  # the blob failed verification and was removed
-
-
-class CacheError(HitzError):
-    """A cache could not give or keep what was asked."""
-
-
-class CacheUnavailable(CacheError):
-    """The cache cannot be used at all; the caller may run uncached."""
-
-
-class BlobMissing(CacheError):
-    """A blob the caller expected is not in the store."""
-
-
-class BlobCorrupt(BlobMissing):
-    """A blob failed verification against its digest; it was removed."""
 
 
 def cache_io(folder: Path) -> _CacheIO:
