@@ -344,7 +344,7 @@ def _explain(manifest: Manifest, task_name: str) -> int:
         return 0
     finally:
         if store is not None:
-            store.close()
+            store.close(record_run=False)
 
 
 def _cache(manifest: Manifest, args: argparse.Namespace) -> int:
@@ -379,4 +379,4 @@ def _cache(manifest: Manifest, args: argparse.Namespace) -> int:
               f"{result.entries} entries, {result.bytes} bytes left")
         return 0
     finally:
-        store.close()
+        store.close(record_run=False)

@@ -497,8 +497,10 @@ class Store:
                 last_run=_counters_from(state.last_run),
             )
 
-    def close(self) -> None:
-        """Add this run's growth to ``state.json`` and, if it did anything, its counters.
+    def close(self, *, record_run: bool = True) -> None:
+        """Add this run's growth to ``state.json`` and, if it did anything and
+        ``record_run``, its counters as the "last run" of ``stats()`` (a
+        `hitz explain` or `hitz cache gc` is not a run of the tasks).
 
         Idempotent. Never raises: the state is advice (it decides when to
         collect), and a cache that can no longer be written has said so already.
@@ -516,7 +518,7 @@ class Store:
                 state = store_gc.load_state(self._state_path) or self._recount_locked()
                 state.bytes += delta_bytes
                 state.entries += delta_entries
-                if any(asdict(counters).values()):
+                if record_run and any(asdict(counters).values()):
                     state.last_run = asdict(counters)
                 store_gc.save_state(self._state_path, state, self._tmp)
         except CacheUnavailable as exc:
