@@ -10,6 +10,11 @@ another folder gets the same key.
 
 Every message is serialized deterministically, and every repeated field
 that REAPI orders is sorted here, with the spec's rule named where it is.
+
+The protobuf modules (and, through them, grpc: ~90 ms) and the store are
+imported by the functions that build messages, not with this module: a run
+whose tasks are all up to date (``hitz.executor.uptodate``) builds no Action
+and must not pay for them.
 """
 
 from __future__ import annotations
@@ -18,10 +23,14 @@ import os
 import platform as _platform
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
 
 from hitz.executor.model import TaskDef
-from hitz.executor.store import Digest
-from hitz.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as pb
+from hitz.sandbox.policy import Limits, Policy, Seccomp
+
+if TYPE_CHECKING:
+    from hitz.executor.store import Digest
+    from hitz.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as pb
 
 # Bump when the meaning of a task changes without its Action changing (the
 # sandbox's contract, how inputs are laid out): every key moves with it.
@@ -46,24 +55,42 @@ class ActionKey:
     digest: Digest
     command: pb.Command
     platform: Mapping[str, str]
-    inputs: Mapping[str, str]  # path -> file hash, for explanations
+    inputs: Mapping[str, str]  # path -> file hash, "+x" after it if executable: for explanations
     blobs: Mapping[Digest, bytes] = field(repr=False)
 
 
 def digest_of(message: pb.Action | pb.Command | pb.Directory | pb.Tree) -> tuple[Digest, bytes]:
+    from hitz.executor.store import Digest
+
     data = message.SerializeToString(deterministic=True)
     return Digest.of(data), data
+
+
+def host_properties(rootfs_identity: str) -> dict[str, str]:
+    """The platform properties every task on this host shares."""
+    return {
+        "OSFamily": "linux",
+        "ISA": _platform.machine().replace("_", "-"),
+        "hitz.rootfs": rootfs_identity,
+        "hitz.sandbox": SANDBOX_CONTRACT,
+    }
 
 
 def platform_properties(task: TaskDef, rootfs_identity: str) -> dict[str, str]:
     """What the task's result depends on besides its command and inputs."""
     return {
-        "OSFamily": "linux",
-        "ISA": _platform.machine().replace("_", "-"),
+        **host_properties(rootfs_identity),
         "hitz.network": task.network,
-        "hitz.rootfs": rootfs_identity,
-        "hitz.sandbox": SANDBOX_CONTRACT,
+        "hitz.policy": policy_of(task).describe(),
     }
+
+
+def policy_of(task: TaskDef) -> Policy:
+    """The sandbox policy ``task`` runs under: what its manifest entry asks."""
+    limits = Limits() if task.open_files is None else Limits(open_files=task.open_files)
+    if task.file_size is not None or task.cpu_time is not None:
+        limits = Limits(limits.open_files, task.file_size, task.cpu_time)
+    return Policy(Seccomp(task.seccomp), tuple(task.capabilities), limits)
 
 
 def build_key(
@@ -72,6 +99,8 @@ def build_key(
     files: Iterable[InputFile],
     properties: Mapping[str, str],
 ) -> ActionKey:
+    from hitz.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as pb
+
     blobs: dict[Digest, bytes] = {}
     platform = pb.Platform(properties=[
         # REAPI Platform: "properties ... MUST be sorted by name, then value".
@@ -109,12 +138,14 @@ def build_key(
         digest=action_digest,
         command=command,
         platform=dict(properties),
-        inputs={f.path: f.digest.hash for f in files},
+        inputs={f.path: f.digest.hash + ("+x" if f.executable else "") for f in files},
         blobs=blobs,
     )
 
 
 def _pb_digest(digest: Digest) -> pb.Digest:
+    from hitz.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as pb
+
     return pb.Digest(hash=digest.hash, size_bytes=digest.size)
 
 
@@ -133,6 +164,8 @@ def _input_root(files: list[InputFile], blobs: dict[Digest, bytes]) -> Digest:
 
 
 def _directory(node: Mapping[str, object], blobs: dict[Digest, bytes]) -> Digest:
+    from hitz.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as pb
+
     files, dirs = [], []
     # REAPI Directory: "files, directories and symlinks MUST be sorted in
     # lexicographical order by name" (code point order, as sorted() gives).
@@ -149,10 +182,16 @@ def _directory(node: Mapping[str, object], blobs: dict[Digest, bytes]) -> Digest
     return digest
 
 
-def host_rootfs_identity(digest_file: Callable[[str], tuple[Digest, bool]]) -> str:
+class _Hashed(Protocol):
+    @property
+    def hash(self) -> str: ...
+
+
+def host_rootfs_identity(digest_file: Callable[[str], tuple[_Hashed, bool]]) -> str:
     """What ``rootfs = "host"`` stands for: the distribution and its installed
     package set, so a toolchain upgrade on the host changes every key.
-    ``digest_file(path) -> (Digest, executable)`` hashes through the stat cache.
+    ``digest_file(path) -> (Digest, executable)`` hashes through the stat cache
+    (anything with the ``hash`` of a ``Digest`` will do).
     """
     parts = []
     for path in ("/etc/os-release", "/var/lib/dpkg/status", "/var/lib/rpm/rpmdb.sqlite",

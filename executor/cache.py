@@ -13,10 +13,19 @@ reach ``record``), a task with ``cache = false``, and a task with
 The store is optional at every step: when the cache folder cannot be used,
 hitz warns once and runs everything uncached; a blob that has gone missing
 behind an action-cache hit makes that lookup a miss (the run repairs it).
+
+Outputs already in the project with the right digests are not rewritten (a
+file, a symlink, or a whole directory output, compared through the stat
+cache): a hit then costs reads, not writes.
+
+The store and protobuf are imported by the methods that use them: a run in
+which every task is up to date imports this module (``cacheable``) but never
+needs them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -25,12 +34,16 @@ import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from hitz.executor.actions import ActionKey
+from hitz.executor.errors import OutputError
 from hitz.executor.model import TaskDef
 from hitz.executor.statcache import StatCache
-from hitz.executor.store import BlobMissing, CacheUnavailable, Digest, Store
-from hitz.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as pb
+
+if TYPE_CHECKING:
+    from hitz.executor.actions import ActionKey
+    from hitz.executor.store import CacheUnavailable, Digest, Store
+    from hitz.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +52,53 @@ def cacheable(task: TaskDef) -> bool:
     if task.cache is not None:
         return task.cache
     return task.network != "host"
+
+
+def uncacheable_reason(task: TaskDef) -> str | None:
+    """Why ``task``'s result is never cached, in the user's words (None: it is cached)."""
+    if cacheable(task):
+        return None
+    if task.cache is False:
+        return "caching is off for this task"
+    return 'network = "host" tasks are not cached unless cache = true'
+
+
+class Destinations:
+    """Where outputs may be written: inside the project for real.
+
+    A folder on the way that is a symlink out of the project would carry an
+    output out of it, whether the output comes from a run or from the cache.
+    Folders found inside are remembered for the run: resolving a path costs
+    an lstat per component, for every one of 10,000 outputs otherwise.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._real_root: str | None = None
+        self._inside: set[Path] = set()
+
+    def check(self, dest: Path, declared: str) -> None:
+        """Raise OutputError unless ``dest``, the place of output ``declared``,
+        is inside the project."""
+        parent = dest.parent
+        if parent in self._inside:
+            return
+        while not parent.exists() and parent != self.root:
+            parent = parent.parent
+        if self._real_root is None:
+            self._real_root = os.path.realpath(self.root)
+        real_root = self._real_root
+        real = os.path.realpath(parent)
+        if (real + "/").startswith(real_root + "/") or real == real_root:
+            if parent == dest.parent:
+                self._inside.add(parent)
+            return
+        link = next((p for p in [parent, *parent.parents] if p.is_symlink()), parent)
+        raise OutputError(
+            f'cannot write output "{declared}": `{link.relative_to(self.root)}` is a symlink '
+            f"to `{os.readlink(link)}`, outside the project",
+            hint="remove the symlink, or declare outputs in a folder of the project",
+        )
 
 
 @dataclass(frozen=True)
@@ -50,25 +110,39 @@ class Restored:
 
 class TaskCache:
     def __init__(self, store: Store | None, root: Path, state_dir: Path, stat: StatCache,
-                 warn: object = None) -> None:
+                 warn: object = None, destinations: Destinations | None = None) -> None:
         self.store = store
         self.root = root
+        self.destinations = destinations or Destinations(root)
         self.stat = stat
         self._keys_path = state_dir / "keys.json"
-        self._previous = _load_keys(self._keys_path)
-        self._current: dict[str, dict[str, object]] = {}
+        self._loaded: dict[str, dict[str, object]] | None = None  # keys.json, when needed
+        # This run's key of each task looked up, described at ``save`` only if
+        # it is not the one ``keys.json`` already holds.
+        self._current: dict[str, ActionKey] = {}
         self.reasons: dict[str, list[str]] = {}
         self._warn = warn
         self.warning: str | None = None
+
+    @property
+    def _previous(self) -> dict[str, dict[str, object]]:
+        """The keys of earlier runs (``keys.json``), read on first use: a run
+        whose lookups all hit reads it once at ``save``, to compare."""
+        if self._loaded is None:
+            self._loaded = _load_keys(self._keys_path)
+        return self._loaded
 
     # --- lookups -----------------------------------------------------------------
     def lookup(self, task: TaskDef, key: ActionKey) -> Restored | None:
         """Restore ``task``'s outputs if the cache holds its result; else
         record why not in ``reasons[task.name]`` and return None."""
-        self._current[task.name] = _describe(key)
-        if not cacheable(task):
-            self._miss(task, ["caching is off for this task" if task.cache is False
-                              else 'network = "host" tasks are not cached unless cache = true'])
+        from hitz.executor.store import BlobMissing, CacheUnavailable
+        from hitz.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as pb
+
+        self._current[task.name] = key
+        reason = uncacheable_reason(task)
+        if reason is not None:
+            self._miss(task, [reason])
             return None
         if self.store is None:
             self._miss(task, ["no cache available"])
@@ -94,14 +168,16 @@ class TaskCache:
     def explain(self, name: str, key: ActionKey) -> list[str]:
         """Why ``key`` differs from the last one recorded for ``name``."""
         before = self._previous.get(name)
-        if before is None:
+        if not isinstance(before, dict):
             return ["no earlier run recorded"]
         now = _describe(key)
         if before.get("action") == now["action"]:
             return ["no entry in the cache (evicted, or never stored)"]
         reasons = []
         old_inputs, new_inputs = before.get("inputs", {}), now["inputs"]
-        assert isinstance(old_inputs, dict) and isinstance(new_inputs, dict)
+        if not isinstance(old_inputs, dict):
+            old_inputs = {}
+        assert isinstance(new_inputs, dict)
         for path in sorted(set(old_inputs) | set(new_inputs)):
             if path not in old_inputs:
                 reasons.append(f"input {path} added")
@@ -112,12 +188,16 @@ class TaskCache:
         if before.get("argv") != now["argv"]:
             reasons.append("command changed")
         old_env, new_env = before.get("env", {}), now["env"]
-        assert isinstance(old_env, dict) and isinstance(new_env, dict)
+        if not isinstance(old_env, dict):
+            old_env = {}
+        assert isinstance(new_env, dict)
         for name_ in sorted(set(old_env) | set(new_env)):
             if old_env.get(name_) != new_env.get(name_):
                 reasons.append(f"env {name_} changed")
         old_platform, new_platform = before.get("platform", {}), now["platform"]
-        assert isinstance(old_platform, dict) and isinstance(new_platform, dict)
+        if not isinstance(old_platform, dict):
+            old_platform = {}
+        assert isinstance(new_platform, dict)
         words = {"hitz.rootfs": "rootfs", "hitz.network": "network policy",
                  "hitz.sandbox": "sandbox policy"}
         for prop in sorted(set(old_platform) | set(new_platform)):
@@ -132,7 +212,15 @@ class TaskCache:
 
     # --- restoring -----------------------------------------------------------------
     def _restore(self, task: TaskDef, result: pb.ActionResult) -> Restored:
+        from hitz.executor.store import Digest
+        from hitz.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as pb
+
         assert self.store is not None
+        places = [*(out.path for out in result.output_files),
+                  *(out.path + "/" for out in result.output_directories),
+                  *(link.path for link in result.output_symlinks)]
+        for declared in places:  # all of them before anything is written
+            self.destinations.check(self.root / declared.rstrip("/"), declared)
         files: dict[str, tuple[Digest, bool]] = {}
         for out in result.output_files:
             digest = Digest(out.digest.hash, out.digest.size_bytes)
@@ -150,18 +238,27 @@ class TaskCache:
     def _restore_file(self, rel: str, digest: Digest, executable: bool) -> None:
         assert self.store is not None
         dest = self.root / rel
-        try:
-            current, is_exec = self.stat.digest(str(dest))
-            if current == digest and is_exec == executable and not dest.is_symlink():
-                return  # already there: do not rewrite it
-        except OSError:
-            pass
+        if self._in_place(dest, digest, executable):
+            return  # already there: do not rewrite it
         if dest.is_dir() and not dest.is_symlink():
             shutil.rmtree(dest)
         self.store.copy_to(digest, dest, executable=executable)
 
+    def _in_place(self, path: Path, digest: Digest, executable: bool) -> bool:
+        """Is ``path`` a regular file (not a symlink) with this content and executable bit?"""
+        try:
+            if not stat.S_ISREG(os.lstat(path).st_mode):
+                return False
+            sha256, size, is_exec = self.stat.lookup(str(path))
+        except OSError:
+            return False
+        return (sha256, size, is_exec) == (digest.hash, digest.size, executable)
+
     def _restore_symlink(self, rel: str, target: str) -> None:
         dest = self.root / rel
+        with contextlib.suppress(OSError):
+            if os.readlink(dest) == target:
+                return  # already there: do not rewrite it
         tmp = dest.with_name(f".{dest.name}.hitz-tmp")
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp.unlink(missing_ok=True)
@@ -169,35 +266,48 @@ class TaskCache:
         os.replace(tmp, dest)
 
     def _restore_tree(self, rel: str, tree: pb.Tree) -> dict[str, tuple[Digest, bool]]:
-        """Rebuild a directory output beside its place, then swap it in."""
+        """Rebuild a directory output beside its place, then swap it in;
+        unless the project already holds exactly this tree."""
+        from hitz.executor.store import BlobMissing, Digest
+
         assert self.store is not None
         children = {}
         for child in tree.children:
             data = child.SerializeToString(deterministic=True)
             children[Digest.of(data).hash] = child
         dest = self.root / rel
-        staging = dest.with_name(f".{dest.name}.hitz-restore")
-        if staging.exists():
-            shutil.rmtree(staging)
         files: dict[str, tuple[Digest, bool]] = {}
+        links: dict[str, str] = {}
+        folders: list[str] = []
 
-        def build(directory: pb.Directory, folder: Path, prefix: str) -> None:
-            folder.mkdir(parents=True, exist_ok=True)
+        def walk(directory: pb.Directory, prefix: str) -> None:
             for f in directory.files:
-                digest = Digest(f.digest.hash, f.digest.size_bytes)
-                self.store.copy_to(digest, folder / f.name,  # type: ignore[union-attr]
-                                   executable=f.is_executable)
-                files[f"{prefix}/{f.name}"] = (digest, f.is_executable)
+                files[f"{prefix}/{f.name}"] = (Digest(f.digest.hash, f.digest.size_bytes),
+                                               f.is_executable)
             for link in directory.symlinks:
-                os.symlink(link.target, folder / link.name)
+                links[f"{prefix}/{link.name}"] = link.target
             for d in directory.directories:
                 sub = children.get(d.digest.hash)
                 if sub is None:
                     raise BlobMissing(f"directory {d.digest.hash} missing from a cached tree")
-                build(sub, folder / d.name, f"{prefix}/{d.name}")
+                folders.append(f"{prefix}/{d.name}")
+                walk(sub, f"{prefix}/{d.name}")
 
+        walk(tree.root, rel)
+        if self._tree_in_place(dest, rel, files, links, set(folders)):
+            return files
+        staging = dest.with_name(f".{dest.name}.hitz-restore")
+        if staging.exists():
+            shutil.rmtree(staging)
+        inside = len(rel) + 1
         try:
-            build(tree.root, staging, rel)
+            staging.mkdir()
+            for folder in folders:  # parents before children: walk() lists them so
+                (staging / folder[inside:]).mkdir()
+            for path, target in links.items():
+                os.symlink(target, staging / path[inside:])
+            for path, (digest, executable) in files.items():
+                self.store.copy_to(digest, staging / path[inside:], executable=executable)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -213,12 +323,42 @@ class TaskCache:
             os.rename(staging, dest)
         return files
 
+    def _tree_in_place(self, dest: Path, rel: str, files: Mapping[str, tuple[Digest, bool]],
+                       links: Mapping[str, str], folders: set[str]) -> bool:
+        """Does the project hold exactly this tree under ``dest``: the same
+        paths, files with the same content and executable bit, the same
+        symlink targets, nothing else?"""
+        if not dest.is_dir() or dest.is_symlink():
+            return False
+        found = 0
+        for folder, dirs, names in os.walk(dest):
+            prefix = rel + folder[len(str(dest)):]
+            for name in dirs + names:
+                path, full = f"{prefix}/{name}", f"{folder}/{name}"
+                try:
+                    if path in folders:
+                        same = os.path.isdir(full) and not os.path.islink(full)
+                    elif path in links:
+                        same = os.readlink(full) == links[path]
+                    elif path in files:
+                        same = self._in_place(Path(full), *files[path])
+                    else:
+                        same = False
+                except OSError:
+                    same = False
+                if not same:
+                    return False
+                found += 1
+        return found == len(files) + len(links) + len(folders)
+
     # --- recording ---------------------------------------------------------------------
     def record(self, task: TaskDef, key: ActionKey,
                outputs: list[tuple[str, str]]) -> dict[str, tuple[Digest, bool]] | None:
         """Store a successful task's outputs (``(declared path, staged path)``)
         and its ActionResult. Returns the digests of the output files by
         project path, or None when nothing was stored."""
+        from hitz.executor.store import CacheUnavailable
+
         if self.store is None or not cacheable(task):
             return None
         try:
@@ -229,6 +369,8 @@ class TaskCache:
 
     def _record(self, key: ActionKey, outputs: list[tuple[str, str]]
                 ) -> dict[str, tuple[Digest, bool]]:
+        from hitz.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as pb
+
         assert self.store is not None
         result = pb.ActionResult(exit_code=0)
         files: dict[str, tuple[Digest, bool]] = {}
@@ -258,6 +400,9 @@ class TaskCache:
         return files
 
     def _tree(self, folder: str, rel: str) -> tuple[pb.Tree, dict[str, tuple[Digest, bool]]]:
+        from hitz.executor.store import Digest
+        from hitz.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as pb
+
         assert self.store is not None
         files: dict[str, tuple[Digest, bool]] = {}
         children: list[pb.Directory] = []
@@ -300,16 +445,26 @@ class TaskCache:
         self.store = None
 
     def save(self) -> None:
-        """Remember this run's keys, for the explanations of the next one."""
+        """Remember this run's keys, for the explanations of the next one.
+        A key that is the one already remembered is not described again."""
         if not self._current:
             return
-        merged = {**self._previous, **self._current}
+        previous = self._previous
+        changed = {name: _describe(key) for name, key in self._current.items()
+                   if not _same_action(previous.get(name), key)}
+        if not changed:
+            return
+        merged = {**previous, **changed}
         tmp = self._keys_path.with_name(f".{self._keys_path.name}.{os.getpid()}.tmp")
         try:
             tmp.write_text(json.dumps(merged))
             os.replace(tmp, self._keys_path)
         except OSError:
             tmp.unlink(missing_ok=True)
+
+
+def _same_action(described: object, key: ActionKey) -> bool:
+    return isinstance(described, dict) and described.get("action") == str(key.digest)
 
 
 def _describe(key: ActionKey) -> dict[str, object]:

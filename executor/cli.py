@@ -320,7 +320,7 @@ def _sandbox_explain(manifest: Manifest, task_name: str) -> int:
 
 def _explain(manifest: Manifest, task_name: str) -> int:
     from hitz.executor import planner
-    from hitz.executor.cache import cacheable
+    from hitz.executor.cache import cacheable, uncacheable_reason
     from hitz.executor.runner import Runner, open_store, state_dir_for
 
     name = task_name.lstrip(":")
@@ -337,8 +337,8 @@ def _explain(manifest: Manifest, task_name: str) -> int:
         if cacheable(task) and store is not None and store.get_action_result(key.digest):
             print(f":{name}: in the cache; `hitz run` restores its outputs without running it")
             return 0
-        reasons = (runner.cache.explain(name, key) if cacheable(task)
-                   else ["caching is off for this task"])
+        refused = uncacheable_reason(task)
+        reasons = [refused] if refused else runner.cache.explain(name, key)
         for reason in reasons:
             print(f":{name}: runs: {reason}")
         return 0

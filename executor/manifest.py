@@ -38,6 +38,7 @@ from hitz.executor.errors import ManifestErrorReason as Reason
 from hitz.executor.model import KeyPath, Manifest, TaskDef
 from hitz.executor.suggest import suggest
 from hitz.executor.toml_lines import Pos, SourceMap, scan
+from hitz.sandbox.policy import CAPABILITIES, Seccomp
 from hitz.sandbox.spec import Network
 
 if TYPE_CHECKING:
@@ -48,6 +49,7 @@ __all__ = ["json_schema", "load", "parse_duration", "suggest"]
 BACKENDS = ("namespace",)
 ROOTFS = ("host",)
 NETWORKS = tuple(network.value for network in Network)
+SECCOMP = tuple(profile.value for profile in Seccomp)
 DEFAULT_TIMEOUT = "10m"
 STATE_DIR = ".hitz"  # hitz's own state in the project: cache, logs; no task may touch it
 
@@ -129,7 +131,8 @@ _CACHE_FILE = "manifest.json"
 _CACHE_VERSION = "hitz-manifest-cache/1"
 _TASK_FIELDS = (
     "name", "argv", "inputs", "outputs", "deps", "env", "backend", "rootfs", "network",
-    "timeout_s", "description", "line", "shell", "cache",
+    "timeout_s", "description", "line", "shell", "cache", "seccomp", "capabilities",
+    "open_files", "file_size", "cpu_time",
 )
 
 
@@ -157,7 +160,7 @@ def _cached(path: Path, key: str, absolute: Path, source: _Source) -> Manifest |
         tasks = {}
         for row in data["tasks"]:
             fields = dict(zip(_TASK_FIELDS, row, strict=True))
-            for name in ("argv", "inputs", "outputs", "deps"):
+            for name in ("argv", "inputs", "outputs", "deps", "capabilities"):
                 fields[name] = tuple(fields[name])
             tasks[fields["name"]] = TaskDef(**fields)
         return Manifest(
@@ -338,6 +341,34 @@ def _models() -> _Models:
         model_config = strict
         name: str | Unset = Field(None, description="Project name; default: the folder name.")
 
+    class Limits(BaseModel):
+        model_config = strict
+        open_files: int | Unset = Field(
+            None, description="Most open files per process (RLIMIT_NOFILE); default 4096."
+        )
+        file_size: str | Unset = Field(
+            None, description='Largest file a process may write (RLIMIT_FSIZE), such as "1GiB".'
+        )
+        cpu_time: str | Unset = Field(
+            None,
+            description="CPU time per process (RLIMIT_CPU), a duration.",
+            json_schema_extra=duration,
+        )
+
+    policy_fields: dict[str, Any] = {
+        "seccomp": (
+            str | Unset,
+            Field(None, description='"default": deny what builds never need; "unconfined":'
+                  " no filter (an explicit opt-out).", json_schema_extra=_enum(SECCOMP)),
+        ),
+        "capabilities": (
+            list[str] | Unset,
+            Field(None, description="Capabilities to keep (all others are dropped).",
+                  json_schema_extra={"items": {"enum": list(CAPABILITIES)}}),
+        ),
+        "limits": (Limits | Unset, Field(None, description="Resource limits.")),
+    }
+
     class Defaults(BaseModel):
         model_config = strict
         backend: str = Field(
@@ -359,6 +390,9 @@ def _models() -> _Models:
         env: dict[str, str] = Field(
             default_factory=dict, description="Environment variables every task gets."
         )
+        seccomp: str | Unset = policy_fields["seccomp"][1]
+        capabilities: list[str] | Unset = policy_fields["capabilities"][1]
+        limits: Limits | Unset = policy_fields["limits"][1]
 
     class Task(BaseModel):
         model_config = strict
@@ -405,6 +439,9 @@ def _models() -> _Models:
             description="false: never cache this task's result; true: cache it even with"
             ' network = "host". Default: cache unless network = "host".',
         )
+        seccomp: str | Unset = policy_fields["seccomp"][1]
+        capabilities: list[str] | Unset = policy_fields["capabilities"][1]
+        limits: Limits | Unset = policy_fields["limits"][1]
 
     class CacheSettings(BaseModel):
         model_config = strict
@@ -484,6 +521,12 @@ _EXPECTED = {
     "backend": " or ".join(map(json.dumps, BACKENDS)),
     "rootfs": " or ".join(map(json.dumps, ROOTFS)),
     "network": " or ".join(map(json.dumps, NETWORKS)),
+    "seccomp": " or ".join(map(json.dumps, SECCOMP)),
+    "capabilities": 'a list of capability names such as "CAP_CHOWN"',
+    "limits": "a table",
+    "open_files": "a whole number",
+    "file_size": 'a size such as "1GiB"',
+    "cpu_time": _DURATION_EXPECTED,
 }
 
 
@@ -633,6 +676,9 @@ class _Settings:
     network: str
     timeout_s: float
     env: dict[str, str]
+    seccomp: str
+    capabilities: tuple[str, ...]
+    limits: dict[str, int | None]
 
 
 class _Builder:
@@ -705,7 +751,52 @@ class _Builder:
             ),
             timeout_s=self.timeout(spec.get("timeout", DEFAULT_TIMEOUT), ("defaults",)),
             env=self.env(spec.get("env", {}), ("defaults",)),
+            seccomp=self.choice("seccomp", spec.get("seccomp", SECCOMP[0]), SECCOMP,
+                                ("defaults",)),
+            capabilities=self.capabilities(spec.get("capabilities", []), ("defaults",)),
+            limits=self.limits(spec.get("limits", {}), ("defaults",), {}),
         )
+
+    def capabilities(self, names: list[str], at: KeyPath) -> tuple[str, ...]:
+        for index, name in enumerate(names):
+            if name not in CAPABILITIES:
+                guess = suggest(name.upper() if name.upper().startswith("CAP_")
+                                else "CAP_" + name.upper(), CAPABILITIES)
+                raise self.fail(
+                    (*at, "capabilities", index), f"unknown capability {_q(name)}",
+                    Reason.BAD_VALUE,
+                    hint=f"did you mean {_q(guess)}?" if guess
+                    else "capability names are those of capabilities(7), such as CAP_CHOWN",
+                )
+        return tuple(dict.fromkeys(names))
+
+    def limits(self, spec: dict[str, Any], at: KeyPath,
+               inherited: dict[str, int | None]) -> dict[str, int | None]:
+        limits = dict(inherited)
+        path = (*at, "limits")
+        if "open_files" in spec:
+            if spec["open_files"] < 1:
+                raise self.fail((*path, "open_files"), '"open_files" must be at least 1, got '
+                                f"{spec['open_files']}", Reason.BAD_VALUE)
+            limits["open_files"] = spec["open_files"]
+        if "file_size" in spec:
+            try:
+                limits["file_size"] = parse_size(spec["file_size"])
+            except ValueError:
+                raise self.fail((*path, "file_size"), '"file_size" must be a size such as '
+                                f'"1GiB", got {_show(spec["file_size"])}',
+                                Reason.BAD_VALUE) from None
+        if "cpu_time" in spec:
+            limits["cpu_time"] = max(1, round(self.timeout_at(spec["cpu_time"], path, "cpu_time")))
+        return limits
+
+    def timeout_at(self, value: str, at: KeyPath, key: str) -> float:
+        try:
+            seconds = parse_duration(value)
+        except ValueError:
+            raise self.fail((*at, key), f"{_q(key)} must be {_DURATION_EXPECTED}, got "
+                            f"{_show(value)}", Reason.BAD_DURATION) from None
+        return seconds
 
     def task(self, name: str, spec: dict[str, Any], defaults: _Settings, line: int) -> TaskDef:
         at: KeyPath = ("tasks", name)
@@ -724,6 +815,8 @@ class _Builder:
         literal_inputs = self.inputs(inputs, at, deps)
         outputs = self.outputs_of(spec.get("outputs", ()), at, literal_inputs)
         env = {**defaults.env, **self.env(spec["env"], at)} if "env" in spec else defaults.env
+
+        limits = self.limits(spec.get("limits", {}), at, defaults.limits)
 
         def inherit(key: str, allowed: tuple[str, ...], default: str) -> str:
             return self.choice(key, spec[key], allowed, at) if key in spec else default
@@ -745,6 +838,13 @@ class _Builder:
             line=line,
             shell=isinstance(spec["run"], str),
             cache=spec.get("cache"),
+            seccomp=inherit("seccomp", SECCOMP, defaults.seccomp),
+            capabilities=self.capabilities(spec["capabilities"], at)
+            if "capabilities" in spec
+            else defaults.capabilities,
+            open_files=limits.get("open_files"),
+            file_size=limits.get("file_size"),
+            cpu_time=limits.get("cpu_time"),
         )
 
     def command(self, run: str | list[str], path: KeyPath) -> tuple[str, ...]:

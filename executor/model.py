@@ -42,6 +42,11 @@ class TaskDef:
     line: int = 0
     shell: bool = False
     cache: bool | None = None  # None = the default rule (see docs/cache.md)
+    seccomp: str = "default"
+    capabilities: tuple[str, ...] = ()  # kept; all others dropped
+    open_files: int | None = None  # None = the sandbox's default
+    file_size: int | None = None  # bytes; None = unlimited
+    cpu_time: int | None = None  # seconds; None = unlimited
 
 
 @dataclass(frozen=True)

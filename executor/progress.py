@@ -14,6 +14,13 @@ A plain line reads::
         ld: cannot find -lfoo
       log: .hitz/logs/link.stderr
     10 tasks: 9 succeeded, 1 failed in 1.23s
+
+A task served from the cache (up to date, or its outputs restored) ran
+nothing, so it gets no line of its own, as Bazel counts cache hits rather
+than listing them: it is counted in the ``[n/N]`` of the next line and in the
+summary (``10000 tasks: 10000 succeeded (10000 from the cache) in 0.12s``).
+A no-op run of 10,000 tasks then writes one line, not 10,000 flushed ones.
+``--json`` still lists every task.
 """
 
 from __future__ import annotations
@@ -97,6 +104,8 @@ class PlainProgress(_Observer):
 
     def task_finished(self, result: TaskResult) -> None:
         self._done += 1
+        if _from_cache(result):
+            return  # counted in the next line and in the summary
         lines = _result_lines(self._done, self._total, result, _plain_label)
         self._stream.write("\n".join(lines) + "\n")
         self._stream.flush()
@@ -149,6 +158,10 @@ class LiveProgress(_Observer):
     def task_finished(self, result: TaskResult) -> None:
         self._running.pop(result.name, None)
         self._done += 1
+        if _from_cache(result):  # no line of its own: redraw the count, throttled
+            if self._now() - self._last_draw >= self._interval:
+                self._draw([])
+            return
         label = self._painted_label if self._color else _plain_label
         self._draw(_result_lines(self._done, self._total, result, label))
 
@@ -194,36 +207,43 @@ class JsonSummary(_Observer):
                 "message", "logs"}]}
 
     Tasks are in the summary's order (the plan's topological order); every
-    outcome has a count, zero included.
+    outcome has a count, zero included. A task served from the cache, up to
+    date or restored, has ``"status": "cached"`` and ``"cached": true``.
+
+    Each task is one line: ``json`` encodes a document without ``indent`` in
+    C, and with it in Python, 5 times slower (0.1 s for 10,000 tasks).
     """
 
     def __init__(self, stream: TextIO) -> None:
         self._stream = stream
 
     def run_finished(self, summary: RunSummary) -> None:
-        document: dict[str, Any] = {
+        head: dict[str, Any] = {
             "project": summary.project,
             "ok": summary.ok,
             "interrupted": summary.interrupted,
             "duration_s": round(summary.duration_s, 3),
             "counts": _counts(summary.results),
-            "tasks": [
-                {
-                    "name": result.name,
-                    "outcome": result.outcome.value,
-                    "status": result.status,
-                    "exit_code": result.exit_code,
-                    "duration_s": round(result.duration_s, 3),
-                    "message": result.message,
-                    "logs": list(result.log_paths),
-                    "cached": result.cached,
-                    "action_digest": result.action_digest,
-                }
-                for result in summary.results
-            ],
         }
-        json.dump(document, self._stream, indent=2)
-        self._stream.write("\n")
+        encode = json.JSONEncoder().encode
+        lines = [f"  {encode(key)}: {encode(value)}," for key, value in head.items()]
+        tasks = [
+            "    " + encode({
+                "name": result.name,
+                "outcome": result.outcome.value,
+                "status": result.status,
+                "exit_code": result.exit_code,
+                "duration_s": round(result.duration_s, 3),
+                "message": result.message,
+                "logs": list(result.log_paths),
+                "cached": result.cached,
+                "action_digest": result.action_digest,
+            })
+            for result in summary.results
+        ]
+        body = ",\n".join(tasks)
+        self._stream.write("{\n" + "\n".join(lines) + '\n  "tasks": ['
+                           + (f"\n{body}\n  " if tasks else "") + "]\n}\n")
         self._stream.flush()
 
 
@@ -281,6 +301,10 @@ def _how(result: TaskResult) -> str:
     if result.status == "failed" and code is not None:
         return f"exit {code}, {took}" if code >= 0 else f"killed by {_signal_name(-code)}, {took}"
     return f"{result.status.replace('-', ' ')}, {took}"  # "timed out", "setup failed"
+
+
+def _from_cache(result: TaskResult) -> bool:
+    return result.cached and result.outcome is Outcome.SUCCEEDED
 
 
 def _plain_label(outcome: Outcome) -> str:

@@ -1,20 +1,24 @@
 """Glue between the plan and a sandbox backend: prepare specs, keep outputs.
 
 ``Runner.prepare`` turns a task into a ``SandboxSpec`` (inputs expanded,
-staging folder and log files chosen); ``Runner.finish`` turns the backend's
-result into a ``TaskResult``, moving the declared outputs of a successful
-task into the project and nothing of a failed one.
+staging folder and log files chosen), or into its result at once: when the
+task is up to date (``hitz.executor.uptodate``: nothing is built, read or
+written), or when the cache holds its result (its outputs are restored).
+``Runner.finish`` turns the backend's result into a ``TaskResult``, moving
+the declared outputs of a successful task into the project and nothing of a
+failed one.
 
 The project's state folder ``.hitz/`` holds ``lock`` (one run per project at
 a time), ``tmp/`` (staging folders of running tasks, removed as tasks end
 and swept at the next start after a crash), ``logs/`` (each task's last
-stdout and stderr) and ``history.json`` (durations, for priorities).
+stdout and stderr), ``history.json`` (durations, for priorities),
+``stat-cache.json`` (file digests), ``keys.json`` (the last key of each task,
+for explanations) and ``up-to-date.json`` (the no-op fast path's record).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import fcntl
 import os
@@ -22,8 +26,9 @@ import queue
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 from hitz.executor.actions import (
     ActionKey,
@@ -31,14 +36,15 @@ from hitz.executor.actions import (
     build_key,
     host_rootfs_identity,
     platform_properties,
+    policy_of,
 )
-from hitz.executor.cache import TaskCache
+from hitz.executor.cache import Destinations, TaskCache, cacheable
 from hitz.executor.errors import HitzError, ManifestError, ManifestErrorReason, OutputError
 from hitz.executor.events import Outcome, TaskResult
 from hitz.executor.inputs import STATE_DIR, OutputIndex, expand
 from hitz.executor.model import Manifest, TaskDef
 from hitz.executor.statcache import StatCache
-from hitz.executor.store import Digest, Store
+from hitz.executor.uptodate import RECORD_FILE, InputTuple, UpToDate, fingerprint, record_header
 from hitz.sandbox.spec import (
     BASE_ENV,
     InputMount,
@@ -48,46 +54,85 @@ from hitz.sandbox.spec import (
     Status,
 )
 
+if TYPE_CHECKING:
+    from hitz.executor.store import Digest, Store
+
 STDERR_TAIL_LINES = 20
 _RENAME_EXCHANGE = 2
-_libc = ctypes.CDLL(None, use_errno=True)
+
+# Opens the store when a task first needs it (None: it cannot be used).
+StoreOpener = Callable[[], "Store | None"]
 
 
 class Runner:
+    """Prepares and finishes the tasks of one run; see the module docstring.
+
+    ``store`` is the local store, or a function that opens it (called the
+    first time a task is not up to date, so a no-op run never opens it), or
+    None to run without the cache, and then without the up-to-date check.
+    ``now`` is the wall clock in ns (see ``hitz.executor.uptodate``'s racy rule).
+    """
+
     def __init__(
         self,
         manifest: Manifest,
         state_dir: Path,
-        store: Store | None = None,
+        store: Store | StoreOpener | None = None,
         *,
         warn: Callable[[str], None] | None = None,
         explain: Callable[[str, list[str]], None] | None = None,
+        now: Callable[[], int] = time.time_ns,
     ) -> None:
         self.manifest = manifest
         self.root = manifest.root
+        self._root = str(manifest.root)
         self.state_dir = state_dir
         self.tmp = state_dir / "tmp" / str(os.getpid())
         self.logs = state_dir / "logs"
         self.outputs = OutputIndex(manifest)
+        # The tasks that declare outputs: only they add files to a dependent's inputs.
+        self._producers = {*self.outputs.files.values(), *self.outputs.dirs.values()}
         self.expanded: dict[str, list[str]] = {}
         self._trash = _Trash()
         self.stat = StatCache(state_dir / "stat-cache.json")
-        self.cache = TaskCache(store, manifest.root, state_dir, self.stat, warn)
+        self._store = store
+        self._opened: Store | None = None  # opened here through ``store``: closed here
+        self._cache: TaskCache | None = None
+        self._warn = warn
+        self._uptodate: UpToDate | None = None
+        self._now = now  # wall clock, ns: when outputs are old enough to be recorded
         self.explain = explain
         self.keys: dict[str, ActionKey] = {}
-        # Files hitz wrote into the project this run, with their digests.
-        self.produced: dict[str, tuple[Digest, bool]] = {}
+        # Output files in the project whose digests this run knows (written,
+        # restored, or found up to date): path -> (sha256 hex, size, executable).
+        self.produced: dict[str, tuple[str, int, bool]] = {}
+        self._fingerprints: dict[str, str] = {}  # of the key each task last got
         self._rootfs: str | None = None
         self._made_dirs = False
         self._project_dirs: set[Path] = set()  # folders known to exist in the project
+        self._destinations = Destinations(self.root)
+
+    @property
+    def cache(self) -> TaskCache:
+        """The task cache, opening the store through its opener on first use."""
+        if self._cache is None:
+            store = self._store
+            if callable(store):
+                store = self._opened = store()
+            self._cache = TaskCache(store, self.root, self.state_dir, self.stat, self._warn,
+                                    self._destinations)
+        return self._cache
 
     # --- before anything runs ----------------------------------------------------
     def preflight(self, tasks: list[TaskDef]) -> None:
         """Expand every selected task's inputs now, so a glob that matches
         nothing stops the run before any task starts."""
         for task in tasks:
-            self.expanded[task.name] = expand(self.manifest, task, self.outputs)
-            self._check_dir_inputs(task)
+            if task.inputs:
+                self.expanded[task.name] = expand(self.manifest, task, self.outputs)
+                self._check_dir_inputs(task)
+            else:
+                self.expanded[task.name] = []
 
     def _check_dir_inputs(self, task: TaskDef) -> None:
         own = [o.rstrip("/") for o in task.outputs]
@@ -111,33 +156,36 @@ class Runner:
         """``task``'s action key and the mounts of its inputs.
 
         Raises OutputError when a dependency's output is missing."""
-        files = self.expanded.get(task.name)
-        if files is None:
-            files = self.expanded[task.name] = expand(self.manifest, task, self.outputs)
-        mounts = [InputMount(str(self.root / rel), rel) for rel in files]
-        inputs = [self._input_file(rel) for rel in files]
-        for dep in task.deps:
-            for out in self.manifest.tasks[dep].outputs:
-                rel = out.rstrip("/")
-                if not os.path.lexists(self.root / rel):
-                    raise OutputError(
-                        f'output "{out}" of task ":{dep}" is missing from the project',
-                        hint=f"run `hitz run :{dep}` first",
-                    )
-                mounts.append(InputMount(str(self.root / rel), rel, out.endswith("/")))
-                inputs.extend(self._input_file(f) for f in self._files_of_output(out))
-        env = {**BASE_ENV, **task.env}
-        properties = platform_properties(task, self._rootfs_identity())
-        return build_key(task, env, inputs, properties), mounts
+        return self._key(task, self._input_files(task)), self._mounts(task)
 
     def prepare(self, task: TaskDef) -> SandboxSpec | TaskResult:
-        """The sandbox spec to run ``task`` in, or its result when the cache
-        already holds it (its outputs are then restored in the project)."""
+        """The sandbox spec to run ``task`` in, or its result when it is up
+        to date, or when the cache holds it (its outputs are then restored in
+        the project)."""
         started = time.monotonic()
-        key, mounts = self.key_for(task)
+        files = None
+        record = self._record()
+        if record is not None and record.has(task.name):
+            if cacheable(task):
+                try:
+                    files = self._input_files(task)
+                except OutputError:
+                    pass  # the full path reports it
+                else:
+                    hit = record.check(task, fingerprint(task, files), self._root)
+                    if hit is not None:
+                        action, digests = hit
+                        if digests:
+                            self.produced.update(digests)
+                        return TaskResult(task.name, Outcome.SUCCEEDED, "cached", 0,
+                                          time.monotonic() - started, cached=True,
+                                          action_digest=action)
+            record.forget(task.name)  # until it succeeds again
+        key = self._key(task, self._input_files(task) if files is None else files)
         restored = self.cache.lookup(task, key)
         if restored is not None:
-            self.produced.update(restored.files)
+            self._add_produced(restored.files)
+            self._succeeded(task, key)
             return TaskResult(task.name, Outcome.SUCCEEDED, "cached", 0,
                               time.monotonic() - started, cached=True,
                               action_digest=str(key.digest))
@@ -154,24 +202,88 @@ class Runner:
             task=task.name,
             argv=task.argv,
             env={**BASE_ENV, **task.env},
-            inputs=tuple(mounts),
+            inputs=tuple(self._mounts(task)),
             outputs=task.outputs,
             staging_dir=str(staging),
             stdout_path=str(self.logs / f"{task.name}.stdout"),
             stderr_path=str(self.logs / f"{task.name}.stderr"),
             network=Network(task.network),
             timeout=task.timeout_s,
+            policy=policy_of(task),
         )
 
-    def _input_file(self, rel: str) -> InputFile:
+    def _record(self) -> UpToDate | None:
+        """The up-to-date record, loaded on first use; None when running
+        without the cache (``--no-cache`` runs every task)."""
+        if self._store is None:
+            return None
+        if self._uptodate is None:
+            self._uptodate = UpToDate(self.state_dir / RECORD_FILE,
+                                      record_header(self._rootfs_identity(), BASE_ENV),
+                                      self._now)
+        return self._uptodate
+
+    def _succeeded(self, task: TaskDef, key: ActionKey) -> None:
+        """``task``'s outputs are in the project: record it as up to date
+        (if its result was cached: a task that may not be cached always runs)."""
+        record = self._record()
+        if record is not None and self.cache.store is not None and cacheable(task):
+            record.done(task, self._fingerprints[task.name], str(key.digest), self._root,
+                        self.produced)
+
+    def _key(self, task: TaskDef, files: list[InputTuple]) -> ActionKey:
+        from hitz.executor.store import Digest
+
+        inputs = [InputFile(path, Digest(sha256, size), executable)
+                  for path, sha256, size, executable in files]
+        env = {**BASE_ENV, **task.env}
+        properties = platform_properties(task, self._rootfs_identity())
+        self._fingerprints[task.name] = fingerprint(task, files)
+        return build_key(task, env, inputs, properties)
+
+    def _input_files(self, task: TaskDef) -> list[InputTuple]:
+        """Every file of ``task``'s input root: its expanded inputs, then the
+        outputs of the tasks it needs, as ``(path, sha256, size, executable)``.
+
+        Raises OutputError when a dependency's output is missing or an input
+        cannot be read."""
+        files = self.expanded.get(task.name)
+        if files is None:
+            files = self.expanded[task.name] = expand(self.manifest, task, self.outputs)
+        found = [self._input_file(rel) for rel in files]
+        if self._producers.isdisjoint(task.deps):
+            return found
+        for dep in task.deps:
+            for out in self.manifest.tasks[dep].outputs:
+                rel = out.rstrip("/")
+                if not os.path.lexists(f"{self._root}/{rel}"):
+                    raise OutputError(
+                        f'output "{out}" of task ":{dep}" is missing from the project',
+                        hint=f"run `hitz run :{dep}` first",
+                    )
+                found.extend(self._input_file(f) for f in self._files_of_output(out))
+        return found
+
+    def _mounts(self, task: TaskDef) -> list[InputMount]:
+        mounts = [InputMount(f"{self._root}/{rel}", rel) for rel in self.expanded[task.name]]
+        for dep in task.deps:
+            for out in self.manifest.tasks[dep].outputs:
+                rel = out.rstrip("/")
+                mounts.append(InputMount(f"{self._root}/{rel}", rel, out.endswith("/")))
+        return mounts
+
+    def _input_file(self, rel: str) -> InputTuple:
         known = self.produced.get(rel)
         if known is not None:
-            return InputFile(rel, *known)
+            return (rel, *known)
         try:
-            digest, executable = self.stat.digest(str(self.root / rel))
+            return (rel, *self.stat.lookup(f"{self._root}/{rel}"))
         except OSError as exc:
             raise OutputError(f'cannot read input "{rel}": {exc.strerror}') from exc
-        return InputFile(rel, digest, executable)
+
+    def _add_produced(self, files: Mapping[str, tuple[Digest, bool]]) -> None:
+        for path, (digest, executable) in files.items():
+            self.produced[path] = (digest.hash, digest.size, executable)
 
     def _files_of_output(self, declared: str) -> list[str]:
         """The files a dependency's output consists of, project-relative."""
@@ -186,8 +298,12 @@ class Runner:
 
     def _rootfs_identity(self) -> str:
         if self._rootfs is None:
-            self._rootfs = host_rootfs_identity(self.stat.digest)
+            self._rootfs = host_rootfs_identity(self._sha256)
         return self._rootfs
+
+    def _sha256(self, path: str) -> tuple[_Sha256, bool]:
+        sha256, _, executable = self.stat.lookup(path)
+        return _Sha256(sha256), executable
 
     def finish(self, task: TaskDef, result: SandboxResult) -> TaskResult:
         staging = self.tmp / task.name
@@ -211,7 +327,9 @@ class Runner:
                                       result.exit_code, result.duration_s, exc.message,
                                       None, logs)
                 if digests:
-                    self.produced.update(digests)
+                    self._add_produced(digests)
+                if key is not None:
+                    self._succeeded(task, key)
                 return TaskResult(task.name, Outcome.SUCCEEDED, result.status.value,
                                   result.exit_code, result.duration_s, None, None, logs,
                                   action_digest=str(key.digest) if key else None)
@@ -239,7 +357,7 @@ class Runner:
         rename (a directory is swapped with renameat2(RENAME_EXCHANGE))."""
         rel = declared.rstrip("/")
         dest = self.root / rel
-        self._check_destination(dest, declared)
+        self._destinations.check(dest, declared)
         try:
             if dest.parent not in self._project_dirs:
                 dest.parent.mkdir(parents=True, exist_ok=True)
@@ -256,32 +374,25 @@ class Runner:
                 f'cannot write output "{declared}" into the project: {exc.strerror}'
             ) from exc
 
-    def _check_destination(self, dest: Path, declared: str) -> None:
-        """An output's folder must be inside the project for real: a folder
-        on the way that is a symlink out of it would carry the output out."""
-        parent = dest.parent
-        while not parent.exists() and parent != self.root:
-            parent = parent.parent
-        real_root = os.path.realpath(self.root)
-        real = os.path.realpath(parent)
-        if (real + "/").startswith(real_root + "/") or real == real_root:
-            return
-        link = next(
-            (p for p in [parent, *parent.parents] if p.is_symlink()), parent
-        )
-        raise OutputError(
-            f'cannot write output "{declared}": `{link.relative_to(self.root)}` is a symlink '
-            f"to `{os.readlink(link)}`, outside the project",
-            hint="remove the symlink, or declare outputs in a folder of the project",
-        )
-
     def cleanup(self) -> None:
         """Remove every staging folder (returns when they are gone); keep the
-        digests and keys learnt for the next run."""
+        digests, keys and up-to-date record learnt for the next run; close
+        the store if it was opened here."""
         self._trash.close()
         _remove(self.tmp)
         self.stat.save()
-        self.cache.save()
+        if self._cache is not None:
+            self._cache.save()
+        if self._uptodate is not None:
+            self._uptodate.save(self._root, self.manifest.tasks)
+        if self._opened is not None:
+            self._opened.close()
+
+
+class _Sha256(NamedTuple):
+    """A file's hash where a ``Digest`` would do but the store is not imported."""
+
+    hash: str
 
 
 class _Trash:
@@ -309,7 +420,10 @@ class _Trash:
 
 
 def _exchange(a: str, b: str) -> None:
-    res = _libc.renameat2(-100, os.fsencode(a), -100, os.fsencode(b), _RENAME_EXCHANGE)
+    import ctypes  # ~2 ms with the dlopen: only for a directory output replacing another
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    res = libc.renameat2(-100, os.fsencode(a), -100, os.fsencode(b), _RENAME_EXCHANGE)
     if res != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), b)
@@ -385,7 +499,7 @@ def cache_folder(manifest: Manifest) -> Path:
 def open_store(manifest: Manifest, warn: Callable[[str], None] | None) -> Store | None:
     """The local store, or None (after one warning) when it cannot be used:
     a run then goes on uncached rather than failing."""
-    from hitz.executor.store import CacheUnavailable
+    from hitz.executor.store import CacheUnavailable, Store
 
     try:
         return Store(cache_folder(manifest),

@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from hitz.sandbox.policy import Policy
+
 # The project appears at this path inside every sandbox, whatever the host
 # checkout path is, so the same task gets the same command on every machine.
 WORKDIR = "/work"
@@ -70,6 +72,7 @@ class SandboxSpec:
     network: Network = Network.NONE
     timeout: float = 600.0  # wall-clock seconds
     kill_grace: float = 2.0  # seconds between SIGTERM and SIGKILL on timeout
+    policy: Policy = field(default_factory=Policy)
 
 
 class Status(enum.StrEnum):

@@ -63,8 +63,10 @@ def task(
     env: Mapping[str, str] | None = None,
     timeout: str | None = None,
     network: str | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> str:
-    """One ``[tasks.NAME]`` table. A string ``run`` is a shell command, a list an argv."""
+    """One ``[tasks.NAME]`` table. A string ``run`` is a shell command, a list an argv;
+    ``extra`` adds any other keys (``seccomp``, ``limits``...)."""
     lines = [f"[tasks.{name}]", f"run = {toml_value(run if isinstance(run, str) else list(run))}"]
     for key, value in (("inputs", inputs), ("outputs", outputs), ("deps", deps)):
         if value:
@@ -75,6 +77,8 @@ def task(
         lines.append(f"timeout = {toml_value(timeout)}")
     if network is not None:
         lines.append(f"network = {toml_value(network)}")
+    for key, value in (extra or {}).items():
+        lines.append(f"{key} = {toml_value(value)}")
     return "\n".join(lines) + "\n"
 
 

@@ -49,7 +49,9 @@ from hitz.sandbox.errors import SandboxError, SandboxErrorReason, SandboxUnavail
 from hitz.sandbox.namespace.build import launcher_path
 from hitz.sandbox.namespace.ops import BindReadOnly, Op, flatten
 from hitz.sandbox.namespace.plan import HostLayout, base_ops, work_ops, writable_roots
+from hitz.sandbox.namespace.seccomp import compile_default
 from hitz.sandbox.outputs import OutputRejected, collect
+from hitz.sandbox.policy import Seccomp
 from hitz.sandbox.spec import SandboxResult, SandboxSpec, Status, Usage
 
 # The host uid/gid that a task's root maps to when hitz runs as root.
@@ -102,6 +104,7 @@ class NamespaceBackend:
         self._devnull = -1
         self._done: list[_Launch] = []  # given up waiting for their report pipe
         self._held: dict[str, _Launch] = {}  # prestarted, waiting for release
+        self._bpf: bytes | None = None  # the default seccomp profile, compiled once
 
     # --- SandboxBackend ---------------------------------------------------
     def start(self, spec: SandboxSpec) -> None:
@@ -149,6 +152,7 @@ class NamespaceBackend:
         # on this disk, and most tasks print nothing.
         out = _high(os.memfd_create(f"hitz-{spec.task}-stdout", os.MFD_CLOEXEC))
         err = _high(os.memfd_create(f"hitz-{spec.task}-stderr", os.MFD_CLOEXEC))
+        bpf = self._filter_for(spec)
         actions = [
             (os.POSIX_SPAWN_DUP2, self._devnull, 0),
             (os.POSIX_SPAWN_DUP2, out, 1),
@@ -158,6 +162,8 @@ class NamespaceBackend:
         ]
         if hold:
             actions.append((os.POSIX_SPAWN_DUP2, go_r, 5))
+        if bpf is not None:
+            actions.append((os.POSIX_SPAWN_DUP2, bpf, 6))
         try:
             os.write(plan, self._header(spec, len(base) + len(ops), hold) + base_bytes
                      + _join(flatten(ops)))
@@ -179,6 +185,8 @@ class NamespaceBackend:
             os.close(report_w)
             if hold:
                 os.close(go_r)
+            if bpf is not None:
+                os.close(bpf)
         now = time.monotonic()
         launch = _Launch(spec, [*base, *ops], pid, os.pidfd_open(pid), report_r, out, err,
                          now, math.inf if hold else now + spec.timeout, go_w=go_w)
@@ -255,6 +263,7 @@ class NamespaceBackend:
 
     def _header(self, spec: SandboxSpec, op_count: int, hold: bool) -> bytes:
         env = [f"{key}={value}" for key, value in spec.env.items()]
+        limits = spec.policy.limits.rlimits()
         return _join([
             "hitz-launch/1",
             "1" if self._host_root else "0",
@@ -264,8 +273,29 @@ class NamespaceBackend:
             spec.cwd,
             str(len(spec.argv)), *spec.argv,
             str(len(env)), *env,
+            str(spec.policy.capability_mask()),
+            "0" if spec.policy.seccomp is Seccomp.UNCONFINED else "1",
+            str(len(limits)), *(str(n) for pair in limits for n in pair),
             str(op_count),
         ])
+
+    def _filter_for(self, spec: SandboxSpec) -> int | None:
+        """A memfd holding the BPF program of ``spec``'s seccomp profile
+        (compiled once per profile), or None for an unconfined task."""
+        if spec.policy.seccomp is Seccomp.UNCONFINED:
+            return None
+        if self._bpf is None:
+            try:
+                self._bpf = compile_default()
+            except (ImportError, OSError) as exc:  # pyseccomp, or libseccomp.so.2, missing
+                raise SandboxUnavailable(
+                    f"cannot build the seccomp filter of task `:{spec.task}`: {exc}",
+                    hint='install libseccomp (`apt-get install libseccomp2`), or set '
+                    'seccomp = "unconfined" on the task to run it without a filter',
+                ) from exc
+        fd = _high(os.memfd_create("hitz-seccomp", os.MFD_CLOEXEC))
+        os.write(fd, self._bpf)
+        return fd
 
     def _prepare_staging(self, spec: SandboxSpec) -> None:
         """Create every writable folder the task's outputs need, owned by the

@@ -41,7 +41,11 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <grp.h>
+#include <linux/capability.h>
+#include <linux/filter.h>
 #include <linux/mount.h>
+#include <linux/seccomp.h>
+#include <linux/securebits.h>
 #include <net/if.h>
 #include <poll.h>
 #include <sched.h>
@@ -53,6 +57,7 @@
 #include <sys/ioctl.h>
 #include <sys/mount.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
@@ -63,7 +68,20 @@
 #define PLAN_FD 3
 #define REPORT_FD 4
 #define GO_FD 5 /* held launches only: one byte 'G' starts the task */
+#define FILTER_FD 6 /* with a seccomp profile: a memfd holding its BPF program */
 #define SCRATCH "/tmp"
+
+/* The task's own restrictions, applied by the task process itself just
+ * before exec, in the order of lock_down(). */
+static struct {
+    unsigned long long keep_caps; /* capabilities named by the policy (bit n = cap n) */
+    int seccomp;                  /* a BPF program waits on FILTER_FD */
+    int nlimits;
+    struct {
+        int resource;
+        rlim_t value;
+    } limits[16];
+} policy;
 
 static char **plan;        /* the plan's NUL-separated fields */
 static size_t plan_len, plan_pos;
@@ -297,6 +315,66 @@ static const char *resolve(const char *cmd, char *const env[], char *buf, size_t
     return NULL;
 }
 
+/* ---- the task's own restrictions ----------------------------------------- */
+
+static void limit_resources(void) {
+    step = "rlimits";
+    for (int i = 0; i < policy.nlimits; i++) {
+        struct rlimit lim = {policy.limits[i].value, policy.limits[i].value};
+        if (setrlimit(policy.limits[i].resource, &lim) < 0) die("setrlimit");
+    }
+}
+
+/* Drop every capability the policy does not name: from the bounding set (so
+ * no exec can bring one back), the ambient, inheritable, permitted and
+ * effective sets; and lock the securebits so that being uid 0 of the task's
+ * user namespace grants nothing at exec (capabilities(7), "securebits").
+ * The order matters: the securebits and the bounding set need CAP_SETPCAP,
+ * which capset() then removes; a named capability survives exec only as an
+ * ambient one, raised last. */
+static void drop_capabilities(void) {
+    step = "capabilities";
+    int last = CAP_LAST_CAP;
+    FILE *f = fopen("/proc/sys/kernel/cap_last_cap", "re");
+    if (f) {
+        if (fscanf(f, "%d", &last) != 1) last = CAP_LAST_CAP;
+        fclose(f);
+    }
+    if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) < 0) die("clear ambient");
+    int bits = SECBIT_NOROOT | SECBIT_NOROOT_LOCKED | SECBIT_NO_SETUID_FIXUP |
+               SECBIT_NO_SETUID_FIXUP_LOCKED | SECBIT_KEEP_CAPS_LOCKED;
+    if (!policy.keep_caps) bits |= SECBIT_NO_CAP_AMBIENT_RAISE | SECBIT_NO_CAP_AMBIENT_RAISE_LOCKED;
+    if (prctl(PR_SET_SECUREBITS, bits, 0, 0, 0) < 0) die("PR_SET_SECUREBITS");
+    for (int cap = 0; cap <= last; cap++) {
+        if (!(policy.keep_caps >> cap & 1) && prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0)
+            die("PR_CAPBSET_DROP");
+    }
+    struct __user_cap_header_struct header = {_LINUX_CAPABILITY_VERSION_3, 0};
+    struct __user_cap_data_struct data[2] = {{0}};
+    data[0].effective = data[0].permitted = data[0].inheritable = (__u32)policy.keep_caps;
+    data[1].effective = data[1].permitted = data[1].inheritable =
+        (__u32)(policy.keep_caps >> 32);
+    if (syscall(SYS_capset, &header, data) < 0) die("capset");
+    for (int cap = 0; cap <= last; cap++) {
+        if ((policy.keep_caps >> cap & 1) &&
+            prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap, 0, 0) < 0)
+            die("raise ambient capability");
+    }
+}
+
+/* Last step before exec, so the filter never has to allow set-up syscalls. */
+static void install_seccomp(void) {
+    step = "seccomp";
+    if (!policy.seccomp) return;
+    struct stat st;
+    if (fstat(FILTER_FD, &st) < 0) die("fstat seccomp filter");
+    struct sock_filter *prog = malloc(st.st_size);
+    if (!prog || pread(FILTER_FD, prog, st.st_size, 0) != st.st_size) die("read seccomp filter");
+    close(FILTER_FD);
+    struct sock_fprog fprog = {(unsigned short)(st.st_size / sizeof *prog), prog};
+    if (prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &fprog, 0, 0) < 0) die("install seccomp filter");
+}
+
 static void __attribute__((noreturn)) run_task(const char *path, char **argv, char **envp) {
     step = "exec";
     if (setsid() < 0) die("setsid");
@@ -305,11 +383,18 @@ static void __attribute__((noreturn)) run_task(const char *path, char **argv, ch
     struct sigaction dfl = {.sa_handler = SIG_DFL};
     for (int sig = 1; sig < NSIG; sig++) sigaction(sig, &dfl, NULL);
     sigprocmask(SIG_SETMASK, &none, NULL);
-    /* Only 0-2 survive: the report pipe is close-on-exec. */
+    /* Only 0-2 survive: the report pipe is close-on-exec, the seccomp
+     * filter's memfd is closed once read. */
     for (int fd = 3; fd < REPORT_FD; fd++) close(fd);
-    if (syscall(SYS_close_range, REPORT_FD + 1, ~0U, 0) < 0) {
-        for (int fd = REPORT_FD + 1; fd < 1024; fd++) close(fd);
+    if (syscall(SYS_close_range, REPORT_FD + 1, policy.seccomp ? FILTER_FD - 1 : ~0U, 0) < 0) {
+        for (int fd = REPORT_FD + 1; fd < 1024; fd++)
+            if (!(policy.seccomp && fd == FILTER_FD)) close(fd);
     }
+    if (policy.seccomp) syscall(SYS_close_range, FILTER_FD + 1, ~0U, 0);
+    limit_resources();
+    drop_capabilities();
+    install_seccomp();
+    step = "exec";
     execve(path, argv, envp);
     die(argv[0]);
 }
@@ -424,6 +509,18 @@ int main(int argc, char **argv) {
     char **envp = calloc(envc + 1, sizeof *envp);
     for (long i = 0; i < envc; i++) envp[i] = (char *)next();
     if (!task_argv || !envp || task_argc < 1) die("plan");
+    policy.keep_caps = strtoull(next(), NULL, 10);
+    policy.seccomp = next_int();
+    if (policy.seccomp && fcntl(FILTER_FD, F_SETFD, FD_CLOEXEC) < 0) return 4;
+    policy.nlimits = next_int();
+    if (policy.nlimits < 0 || policy.nlimits > 16) {
+        errno = EINVAL;
+        die("plan: limits");
+    }
+    for (int i = 0; i < policy.nlimits; i++) {
+        policy.limits[i].resource = next_int();
+        policy.limits[i].value = strtoull(next(), NULL, 10);
+    }
 
     if (host_root) {
         if (setgroups(0, NULL) < 0) die("setgroups"); /* root's groups must not reach the task */

@@ -54,10 +54,11 @@ def probe(
     outputs: tuple[str, ...] = (),
     hitz_env: dict[str, str] | None = None,
     pass_fds: tuple[int, ...] = (),
+    extra: dict[str, object] | None = None,
 ) -> Probe:
     """Run ``script`` with bash as the task ``probe``; return the run and its logs."""
     project.write_manifest(
-        task("probe", ["/bin/bash", "-c", script], inputs=inputs, outputs=outputs)
+        task("probe", ["/bin/bash", "-c", script], inputs=inputs, outputs=outputs, extra=extra)
     )
     result = project.run(env=hitz_env, pass_fds=pass_fds)
     assert result.returncode in (0, 1), f"hitz did not run the probe:\n{result}"
@@ -443,15 +444,18 @@ def test_cannot_remount_inputs_read_write(project: Project) -> None:
 
 
 def test_cannot_remount_inputs_read_write_from_a_nested_user_namespace(project: Project) -> None:
-    # A task may create user namespaces of its own, where it holds every
-    # capability; the mounts it inherits stay locked read-only there.
+    # With seccomp = "unconfined" and CAP_SETFCAP (needed to map root since
+    # Linux 5.12) a task may create user namespaces of its own, where it holds
+    # every capability; the mounts it inherits stay locked read-only there.
+    # The default policy forbids both (see the seccomp and capability probes).
     project.write("src/a.txt", "original\n")
     script = (
         "unshare --user --map-root-user --mount sh -c '"
         "id -u; mount -o remount,rw,bind /work/src/a.txt; umount /work/src/a.txt;"
         " if echo evil > /work/src/a.txt; then exit 77; fi'"
     )
-    p = probe(project, script, inputs=("src/a.txt",))
+    p = probe(project, script, inputs=("src/a.txt",),
+              extra={"seccomp": "unconfined", "capabilities": ["CAP_SETFCAP"]})
     assert_refused(p, EROFS)
     assert p.stdout == "0\n", "the nested user namespace was not created"
     assert project.read("src/a.txt") == "original\n"

@@ -405,7 +405,7 @@ CASES = [
         '[tasks.test]\nrun = "x"\nimage = "alpine"\n',
         'hitz.toml:3: task "test": unknown key "image"',
         'the known keys are "description", "run", "inputs", "outputs", "deps", "env",'
-        ' "timeout", "network", "backend", "rootfs", "cache"',
+        ' "timeout", "network", "backend", "rootfs", "cache", "seccomp", "capabilities", "limits"',
         R.UNKNOWN_KEY,
         id="unknown-task-key-no-match",
     ),
@@ -973,6 +973,9 @@ def test_json_schema() -> None:
         "backend",
         "rootfs",
         "cache",
+        "seccomp",
+        "capabilities",
+        "limits",
     }
     assert "default" not in task["properties"]["timeout"]
     assert schema["$defs"]["Defaults"]["properties"]["timeout"]["default"] == "10m"

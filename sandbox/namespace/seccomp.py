@@ -1,0 +1,102 @@
+"""The seccomp profiles, compiled to BPF with libseccomp (pyseccomp).
+
+``default`` allows everything a build does and denies, with EPERM, what a
+build never needs and what widens the kernel's attack surface or breaks out
+of the sandbox (the list below, each entry with why). A filter is compiled
+once per profile per process, not per task; the launcher installs it as the
+task's last step before exec.
+
+Syscalls of another ABI than the native one (i386 or x32 on x86-64) are not
+in the filter's architecture list, so libseccomp kills the process that
+tries them: they cannot be used to slip past a rule.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import os
+
+# Each denied with EPERM; the comment says why a build never needs it.
+_DENIED = (
+    # The kernel keyring: per-user secrets, not namespaced.
+    "add_key", "request_key", "keyctl",
+    # Kernel programs and tracing: large attack surface, host-wide effects.
+    "bpf", "perf_event_open", "lookup_dcookie",
+    # Page-fault handling from user space: the classic race primitive of exploits.
+    "userfaultfd",
+    # io_uring: bypasses seccomp for the operations it performs.
+    "io_uring_setup", "io_uring_enter", "io_uring_register",
+    # Reading or writing other processes.
+    "ptrace", "process_vm_readv", "process_vm_writev", "kcmp", "pidfd_getfd",
+    # Changing the filesystem view: the sandbox's mounts are final.
+    "mount", "umount2", "pivot_root", "chroot", "move_mount", "open_tree", "fsopen",
+    "fsconfig", "fsmount", "fspick", "mount_setattr",
+    # New namespaces and joining others: a task gets the ones it was given.
+    "unshare", "setns",
+    # Kernel modules and replacing the kernel.
+    "init_module", "finit_module", "delete_module", "kexec_load", "kexec_file_load",
+    # The machine: power, swap, clocks, accounting, quotas, the console.
+    "reboot", "swapon", "swapoff", "settimeofday", "clock_settime", "clock_adjtime",
+    "adjtimex", "acct", "quotactl", "quotactl_fd", "syslog", "vhangup", "iopl", "ioperm",
+    # File handles bypass the path checks of the mount layout (CVE-2014-... "shocker").
+    "open_by_handle_at", "name_to_handle_at",
+    # Filesystem-wide event monitoring.
+    "fanotify_init",
+)
+
+_CLONE_NEW = (
+    0x00020000,  # CLONE_NEWNS
+    0x02000000,  # CLONE_NEWCGROUP
+    0x04000000,  # CLONE_NEWUTS
+    0x08000000,  # CLONE_NEWIPC
+    0x10000000,  # CLONE_NEWUSER
+    0x20000000,  # CLONE_NEWPID
+    0x40000000,  # CLONE_NEWNET
+    0x00000080,  # CLONE_NEWTIME
+)
+_TIOCSTI = 0x5412  # push bytes into a terminal's input (CVE-2017-5226)
+_TIOCLINUX = 0x541C  # console control, can also inject input
+_PER_LINUX = 0x0000
+
+
+@functools.cache
+def compile_default() -> bytes:
+    """The BPF program (``struct sock_filter[]``) of the ``default`` profile."""
+    import pyseccomp as sc
+
+    f = sc.SyscallFilter(defaction=sc.ALLOW)
+    deny = sc.ERRNO(errno.EPERM)
+    for name in _DENIED:
+        # A name this architecture or libseccomp version lacks cannot be called.
+        with contextlib.suppress(OSError, ValueError, RuntimeError):
+            f.add_rule(deny, name)
+    # clone() may make threads and processes, not namespaces.
+    for flag in _CLONE_NEW:
+        f.add_rule(deny, "clone", sc.Arg(0, sc.MASKED_EQ, flag, flag))
+    # clone3 passes its flags in memory, where a filter cannot look: say it
+    # does not exist, and the C library falls back to clone (filtered above).
+    f.add_rule(sc.ERRNO(errno.ENOSYS), "clone3")
+    # The kernel compares only the low 32 bits of an ioctl command, so must we:
+    # a value with high bits set would otherwise slip past as TIOCSTI.
+    for request in (_TIOCSTI, _TIOCLINUX):
+        f.add_rule(deny, "ioctl", sc.Arg(1, sc.MASKED_EQ, 0xFFFFFFFF, request))
+    # personality(): only the default execution domain (no READ_IMPLIES_EXEC,
+    # no ADDR_NO_RANDOMIZE...). libseccomp takes one comparison per argument
+    # and no ALLOW rule under a default ALLOW, so a query (0xffffffff) is
+    # refused too; builds do not ask.
+    f.add_rule(deny, "personality", sc.Arg(0, sc.GT, _PER_LINUX))
+    read, write = os.pipe()
+    try:
+        f.export_bpf(os.fdopen(write, "wb", closefd=False))
+        os.close(write)
+        write = -1
+        chunks = []
+        while chunk := os.read(read, 65536):
+            chunks.append(chunk)
+    finally:
+        os.close(read)
+        if write >= 0:
+            os.close(write)
+    return b"".join(chunks)

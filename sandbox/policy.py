@@ -1,0 +1,76 @@
+"""The sandbox policy a task runs under, shared by every backend.
+
+Set per task (and in `[defaults]`) in the manifest; enforced by the backend;
+part of the cache key (``describe``), so a result computed under one policy
+never serves another. A plain frozen dataclass rather than a pydantic model:
+the manifest's pydantic schema validates the keys, and the no-op path must
+not import pydantic.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class Seccomp(enum.StrEnum):
+    DEFAULT = "default"  # deny what a build never needs (see namespace/seccomp.py)
+    UNCONFINED = "unconfined"  # an explicit opt-out, shown in every report
+
+
+# Capability names (capabilities(7)) by number, for `capabilities = [...]`.
+CAPABILITIES = (
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID",
+    "CAP_KILL", "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP", "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE", "CAP_NET_BROADCAST", "CAP_NET_ADMIN", "CAP_NET_RAW",
+    "CAP_IPC_LOCK", "CAP_IPC_OWNER", "CAP_SYS_MODULE", "CAP_SYS_RAWIO", "CAP_SYS_CHROOT",
+    "CAP_SYS_PTRACE", "CAP_SYS_PACCT", "CAP_SYS_ADMIN", "CAP_SYS_BOOT", "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE", "CAP_SYS_TIME", "CAP_SYS_TTY_CONFIG", "CAP_MKNOD", "CAP_LEASE",
+    "CAP_AUDIT_WRITE", "CAP_AUDIT_CONTROL", "CAP_SETFCAP", "CAP_MAC_OVERRIDE",
+    "CAP_MAC_ADMIN", "CAP_SYSLOG", "CAP_WAKE_ALARM", "CAP_BLOCK_SUSPEND", "CAP_AUDIT_READ",
+    "CAP_PERFMON", "CAP_BPF", "CAP_CHECKPOINT_RESTORE",
+)
+
+# <sys/resource.h> resource numbers (Linux, every architecture hitz runs on).
+RLIMIT_CPU = 0
+RLIMIT_FSIZE = 1
+RLIMIT_CORE = 4
+RLIMIT_NOFILE = 7
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Per-process resource limits (setrlimit), soft = hard.
+
+    ``open_files``: RLIMIT_NOFILE. ``file_size``: RLIMIT_FSIZE in bytes, None =
+    unlimited. ``cpu_time``: RLIMIT_CPU in seconds, None = unlimited. Core
+    dumps are always off.
+    """
+
+    open_files: int = 4096
+    file_size: int | None = None
+    cpu_time: int | None = None
+
+    def rlimits(self) -> list[tuple[int, int]]:
+        limits = [(RLIMIT_CORE, 0), (RLIMIT_NOFILE, self.open_files)]
+        if self.file_size is not None:
+            limits.append((RLIMIT_FSIZE, self.file_size))
+        if self.cpu_time is not None:
+            limits.append((RLIMIT_CPU, self.cpu_time))
+        return limits
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    seccomp: Seccomp = Seccomp.DEFAULT
+    capabilities: tuple[str, ...] = ()  # kept; every other one is dropped
+    limits: Limits = field(default_factory=Limits)
+
+    def capability_mask(self) -> int:
+        return sum(1 << CAPABILITIES.index(name) for name in self.capabilities)
+
+    def describe(self) -> str:
+        """A stable text of everything enforced, for the cache key and reports."""
+        caps = ",".join(sorted(self.capabilities)) or "none"
+        limits = ",".join(f"{resource}={value}" for resource, value in self.limits.rlimits())
+        return f"seccomp={self.seccomp.value};caps={caps};rlimits={limits}"

@@ -1,0 +1,167 @@
+"""Probes of the hardened sandbox: seccomp, capabilities, resource limits.
+
+Each probe calls the syscall with harmless bad arguments, so that "allowed"
+shows up as EBADF/EFAULT/EINVAL/ENOTTY and "blocked" as EPERM (ENOSYS for
+clone3); it exits 77 if a forbidden call is ever let through. The calls are
+made with perl's syscall(), which every Debian host has (perl-base is
+essential), by their x86-64 numbers.
+"""
+
+from __future__ import annotations
+
+import platform
+
+import pytest
+
+from tests.helpers import Project
+from tests.security.test_isolation import Probe, assert_ran, probe
+
+pytestmark = [
+    pytest.mark.kernel,
+    pytest.mark.skipif(platform.machine() != "x86_64",
+                       reason="the probes use x86-64 syscall numbers"),
+]
+
+# name: (x86-64 number, arguments that are harmless if the call were allowed)
+DENIED = {
+    "ptrace": (101, "31, 0, 0, 0"),  # PTRACE_...: a bad request on pid 0
+    "keyctl": (250, "0, 0, 0, 0"),
+    "add_key": (248, "0, 0, 0, 0"),
+    "request_key": (249, "0, 0, 0, 0"),
+    "bpf": (321, "-1, 0, 0"),
+    "perf_event_open": (298, "0, 0, -1, -1, 0"),
+    "userfaultfd": (323, "-1"),
+    "io_uring_setup": (425, "0, 0"),
+    "process_vm_readv": (310, "0, 0, 0, 0, 0, 0"),
+    "mount": (165, "0, 0, 0, 0, 0"),
+    "umount2": (166, "0, 0"),
+    "pivot_root": (155, "0, 0"),
+    "unshare": (272, "0x10000000"),
+    "setns": (308, "-1, 0"),
+    "init_module": (175, "0, 0, 0"),
+    "finit_module": (313, "-1, 0, 0"),
+    "kexec_load": (246, "0, 0, 0, 0"),
+    "reboot": (169, "0, 0, 0, 0"),
+    "swapon": (167, "0, 0"),
+    "settimeofday": (164, "0, 0"),
+    "clock_settime": (227, "0, 0"),
+    "acct": (163, "0"),
+    "quotactl": (179, "0, 0, 0, 0"),
+    "open_by_handle_at": (304, "-1, 0, 0"),
+    "personality": (135, "0x0400000"),  # READ_IMPLIES_EXEC
+}
+
+
+def perl_call(number: int, args: str) -> str:
+    return f"perl -e '$r = syscall({number}, {args}); print(($r < 0 ? $!+0 : 0), \"\\n\")'"
+
+
+@pytest.mark.parametrize("name", sorted(DENIED))
+def test_syscall_is_denied(project: Project, name: str) -> None:
+    number, args = DENIED[name]
+    p = probe(project, f"e=$({perl_call(number, args)})\necho $e\n[ \"$e\" = 1 ] || exit 77")
+    assert_ran(p)
+    assert p.stdout == "1\n", f"{name} was not refused with EPERM:\n{p}"
+
+
+def test_clone_with_new_namespace_flags_is_denied(project: Project) -> None:
+    # clone(CLONE_NEWUSER|SIGCHLD): if it were allowed, the child exits at once.
+    script = (
+        "perl -e '$r = syscall(56, 0x10000000 | 17, 0, 0, 0, 0);"
+        " exit 0 if $r == 0; print(($r < 0 ? $!+0 : 0), \"\\n\")'"
+    )
+    p = probe(project, f"e=$({script})\necho $e\n[ \"$e\" = 1 ] || exit 77")
+    assert_ran(p)
+    assert p.stdout == "1\n"
+
+
+def test_clone3_reports_enosys_so_the_c_library_falls_back_to_clone(project: Project) -> None:
+    p = probe(project, f"{perl_call(435, '0, 0')}\nsh -c true && echo forked")
+    assert_ran(p)
+    assert p.stdout == "38\nforked\n"  # ENOSYS, and ordinary processes still start
+
+
+@pytest.mark.parametrize("request_", ["0x5412", "0x100005412"], ids=["TIOCSTI", "high-bits"])
+def test_tiocsti_is_denied_cve_2017_5226(project: Project, request_: str) -> None:
+    # ioctl(0, TIOCSTI): stdin is /dev/null, so an allowed call says ENOTTY (25).
+    p = probe(project, f"e=$({perl_call(16, f'0, {request_}, 0')})\necho $e\n"
+                       "[ \"$e\" = 1 ] || exit 77")
+    assert_ran(p)
+    assert p.stdout == "1\n"
+
+
+def test_ordinary_ioctls_still_work(project: Project) -> None:
+    p = probe(project, perl_call(16, "0, 0x5401, 0"))  # TCGETS on /dev/null: ENOTTY
+    assert_ran(p)
+    assert p.stdout == "25\n"
+
+
+def test_no_capability_is_left_and_none_can_come_back(project: Project) -> None:
+    p = probe(project, "grep -E '^(Cap(Inh|Prm|Eff|Bnd|Amb)|NoNewPrivs|Seccomp):' "
+                       "/proc/self/status")
+    assert_ran(p)
+    assert p.stdout.split() == [
+        "CapInh:", "0000000000000000", "CapPrm:", "0000000000000000",
+        "CapEff:", "0000000000000000", "CapBnd:", "0000000000000000",
+        "CapAmb:", "0000000000000000", "NoNewPrivs:", "1", "Seccomp:", "2",
+    ]
+
+
+def test_a_named_capability_is_kept_and_only_it(project: Project) -> None:
+    p = probe(project, "grep -E '^Cap(Eff|Bnd|Amb):' /proc/self/status",
+              extra={"capabilities": ["CAP_CHOWN"]})
+    assert_ran(p)
+    assert p.stdout.split() == [
+        "CapEff:", "0000000000000001", "CapBnd:", "0000000000000001",
+        "CapAmb:", "0000000000000001",
+    ]
+
+
+def test_unconfined_is_an_explicit_opt_out(project: Project) -> None:
+    p = probe(project, "grep '^Seccomp:' /proc/self/status", extra={"seccomp": "unconfined"})
+    assert_ran(p)
+    assert p.stdout.split() == ["Seccomp:", "0"]
+
+
+def test_core_dumps_are_off_and_open_files_limited(project: Project) -> None:
+    p = probe(project, "ulimit -c; ulimit -n")
+    assert_ran(p)
+    assert p.stdout.split() == ["0", "4096"]
+
+
+def test_limits_from_the_manifest_apply(project: Project) -> None:
+    p = probe(project, "ulimit -n; ulimit -f; ulimit -t",
+              extra={"limits": {"open_files": 64, "file_size": "1MiB", "cpu_time": "30s"}})
+    assert_ran(p)
+    assert p.stdout.split() == ["64", "1024", "30"]  # ulimit -f counts KiB
+
+
+def test_a_write_past_the_file_size_limit_fails_the_task(project: Project) -> None:
+    p = probe(project, "head -c 2097152 /dev/zero > /tmp/big",
+              extra={"limits": {"file_size": "1MiB"}})
+    entry = p.result.task("probe")
+    assert entry["outcome"] == "failed", str(p)
+    assert entry["exit_code"] == 128 + 25, str(p)  # the shell's report of SIGXFSZ
+    assert "File size limit exceeded" in p.stderr, str(p)
+
+
+def test_a_cpu_time_limit_kills_a_busy_loop(project: Project) -> None:
+    p = probe(project, "exec perl -e '1 while 1'", extra={"limits": {"cpu_time": "1s"}})
+    entry = p.result.task("probe")
+    assert entry["outcome"] == "failed", str(p)
+    assert entry["exit_code"] in (-24, -9), str(p)  # SIGXCPU, or SIGKILL at the hard limit
+
+
+def test_the_policy_is_part_of_the_cache_key(project: Project) -> None:
+    project.write_manifest(
+        "[tasks.probe]\nrun = \"true\"\n",
+    )
+    first = project.run().task("probe")["action_digest"]
+    project.write_manifest(
+        "[tasks.probe]\nrun = \"true\"\nlimits = { open_files = 128 }\n",
+    )
+    second = project.run().task("probe")["action_digest"]
+    assert first and second and first != second
+
+
+__all__ = ["Probe"]
