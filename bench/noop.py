@@ -239,14 +239,15 @@ def report(rows: list[Row], info: dict[str, str], args: argparse.Namespace) -> s
     return "\n".join(lines) + "\n"
 
 
-def write_docs(text: str, date: str) -> None:
-    """Append the report under ``HEADING`` (added at the end if missing)."""
+def write_docs(text: str, title: str) -> None:
+    """Append the report under ``HEADING`` (added at the end if missing), as
+    a subsection titled ``title`` (the date, and what was measured)."""
     docs = DOCS.read_text()
     if HEADING not in docs:
         docs = docs.rstrip("\n") + f"\n\n{HEADING}\n\n" + (
             "What a rebuild costs when there is nothing (or only restoring) to do;\n"
             "`bench/noop.py` measures it, and says how in its docstring. Newest last.\n")
-    DOCS.write_text(docs.rstrip("\n") + f"\n\n### {date}\n\n{text}")
+    DOCS.write_text(docs.rstrip("\n") + f"\n\n### {title}\n\n{text}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -263,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=REPO / "bench" / "out")
     p.add_argument("--write-docs", action="store_true",
                    help=f"append the report to docs/benchmarks.md under {HEADING!r}")
+    p.add_argument("--label", help="with --write-docs: words after the date in its heading")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     cases = args.case or ["fan-noop", "trivial-noop", "cc-noop", "trivial-warm", "cc-warm",
@@ -279,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     text = report(rows, info, args)
     print(text)
     if args.write_docs:
-        write_docs(text, dt.datetime.now(dt.UTC).strftime("%Y-%m-%d"))
+        date = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
+        write_docs(text, f"{date}, {args.label}" if args.label else date)
         print(f"(appended to {DOCS})", file=sys.stderr)
     return 1 if any(r.error for r in rows if r.tool == "hitz") else 0
 

@@ -18,10 +18,13 @@ from hitz.executor.errors import HitzError, Interrupted, UsageError
 if TYPE_CHECKING:
     from hitz.executor.events import RunObserver
     from hitz.executor.model import Manifest
+    from hitz.sandbox.spec import SandboxBackend, SandboxResult, SandboxSpec
 
 VERSION = "0.1.0"
 DEFAULT_CONFIG = "hitz.toml"
-COMMANDS = ("run", "validate", "plan", "graph", "schema", "sandbox", "explain", "cache")
+COMMANDS = (
+    "run", "validate", "plan", "graph", "schema", "sandbox", "explain", "cache", "doctor",
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -105,6 +108,9 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("schema", help="print the manifest's JSON Schema")
 
+    doctor = sub.add_parser("doctor", help="what this host can enforce")
+    doctor.add_argument("--json", action="store_true", help="write the checks as JSON to stdout")
+
     sandbox = sub.add_parser("sandbox", help="inspect the sandbox of a task")
     sandbox_sub = sandbox.add_subparsers(
         dest="sandbox_command", metavar="SUBCOMMAND", parser_class=_Parser, required=True
@@ -162,6 +168,8 @@ def _dispatch(argv: list[str]) -> int:
     if args.command is None:
         _parser().print_help(sys.stderr)
         return 2
+    if args.command == "doctor":
+        return _doctor(args.json)
     if args.command == "schema":
         import json
 
@@ -231,7 +239,6 @@ def _run(manifest: Manifest, args: argparse.Namespace) -> int:
     from hitz.executor.progress import JsonSummary, LiveProgress, PlainProgress
     from hitz.executor.runner import Runner, open_store, project_lock, state_dir_for
     from hitz.executor.scheduler import DEFAULT_JOBS, Scheduler
-    from hitz.sandbox.namespace import NamespaceBackend
 
     if args.jobs is not None and args.jobs < 1:
         raise UsageError(f"-j must be at least 1, got {args.jobs}", hint="for example `-j 4`")
@@ -253,11 +260,13 @@ def _run(manifest: Manifest, args: argparse.Namespace) -> int:
         sys.stderr.write(f"explain: :{name}: {'; '.join(reasons) or 'no reason recorded'}\n")
 
     with project_lock(state_dir):
-        store = None if args.no_cache else open_store(manifest, warn)
-        runner = Runner(manifest, state_dir, store, warn=warn,
-                        explain=explain if args.explain else None)
+        # The store is opened, and the sandbox backend loaded, only once a
+        # task is not up to date: a no-op run needs neither.
+        runner = Runner(manifest, state_dir,
+                        None if args.no_cache else lambda: open_store(manifest, warn),
+                        warn=warn, explain=explain if args.explain else None)
         runner.preflight([the_plan.tasks[name] for name in the_plan.order])
-        backend = NamespaceBackend()
+        backend = _OnFirstUse()
         try:
             summary = Scheduler(
                 the_plan,
@@ -271,14 +280,53 @@ def _run(manifest: Manifest, args: argparse.Namespace) -> int:
             ).run()
         finally:
             backend.close()
-            runner.cleanup()
-            if store is not None:
-                store.close()
+            runner.cleanup()  # closes the store if it was opened
     history.record_run(summary)
     history.save()
     if summary.interrupted:
         return 130
     return 0 if summary.ok else 1
+
+
+class _OnFirstUse:
+    """The namespace backend, loaded and built when a task first needs a
+    sandbox: a run whose tasks are all up to date never imports it."""
+
+    def __init__(self) -> None:
+        self._backend: SandboxBackend | None = None
+
+    def _get(self) -> SandboxBackend:
+        if self._backend is None:
+            from hitz.sandbox.namespace import NamespaceBackend
+
+            self._backend = NamespaceBackend()
+        return self._backend
+
+    def start(self, spec: SandboxSpec) -> None:
+        self._get().start(spec)
+
+    def prestart(self, spec: SandboxSpec) -> None:
+        self._get().prestart(spec)
+
+    def release(self, task: str) -> None:
+        self._get().release(task)
+
+    def cancel(self, task: str) -> None:
+        self._get().cancel(task)
+
+    def wait(self, timeout: float | None = None) -> list[SandboxResult]:
+        return self._get().wait(timeout)
+
+    def running(self) -> int:
+        return 0 if self._backend is None else self._backend.running()
+
+    def cancel_all(self) -> None:
+        if self._backend is not None:
+            self._backend.cancel_all()
+
+    def close(self) -> None:
+        if self._backend is not None:
+            self._backend.close()
 
 
 def _sandbox_explain(manifest: Manifest, task_name: str) -> int:
@@ -380,3 +428,23 @@ def _cache(manifest: Manifest, args: argparse.Namespace) -> int:
         return 0
     finally:
         store.close(record_run=False)
+
+
+def _doctor(as_json: bool) -> int:
+    """Exit 0 when the namespace backend can run here, 1 when it cannot."""
+    import json
+    from dataclasses import asdict
+
+    from hitz.sandbox.probe import all_checks
+
+    checks = all_checks()
+    if as_json:
+        print(json.dumps([asdict(check) for check in checks], indent=2))
+    else:
+        width = max(len(check.name) for check in checks)
+        for check in checks:
+            mark = "ok" if check.ok else ("MISSING" if check.required else "no")
+            print(f"{mark:<8}{check.name:<{width + 2}}{check.detail}")
+            if not check.ok and check.hint:
+                print(f"{'':<{width + 10}}hint: {check.hint}")
+    return 0 if all(check.ok for check in checks if check.required) else 1
