@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from hitz.executor.model import TaskDef
-from hitz.sandbox.policy import Limits, Policy, Seccomp
+from hitz.sandbox.policy import Landlock, Limits, Policy, Seccomp
 
 if TYPE_CHECKING:
     from hitz.executor.store import Digest
@@ -90,7 +90,8 @@ def policy_of(task: TaskDef) -> Policy:
     limits = Limits() if task.open_files is None else Limits(open_files=task.open_files)
     if task.file_size is not None or task.cpu_time is not None:
         limits = Limits(limits.open_files, task.file_size, task.cpu_time)
-    return Policy(Seccomp(task.seccomp), tuple(task.capabilities), limits)
+    return Policy(Seccomp(task.seccomp), tuple(task.capabilities), limits,
+                  Landlock(task.landlock))
 
 
 def build_key(

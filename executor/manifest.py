@@ -132,7 +132,7 @@ _CACHE_VERSION = "hitz-manifest-cache/1"
 _TASK_FIELDS = (
     "name", "argv", "inputs", "outputs", "deps", "env", "backend", "rootfs", "network",
     "timeout_s", "description", "line", "shell", "cache", "seccomp", "capabilities",
-    "open_files", "file_size", "cpu_time",
+    "open_files", "file_size", "cpu_time", "landlock",
 )
 assert TaskDef.__match_args__ == _TASK_FIELDS, "rows of the cache are TaskDef's fields, in order"
 
@@ -375,6 +375,12 @@ def _models() -> _Models:
                   json_schema_extra={"items": {"enum": list(CAPABILITIES)}}),
         ),
         "limits": (Limits | Unset, Field(None, description="Resource limits.")),
+        "landlock": (
+            bool | str | Unset,
+            Field(None, description='true (default): Landlock filesystem rules, refused where'
+                  ' the kernel has none; "best-effort": use them where the kernel has them;'
+                  " false: none."),
+        ),
     }
 
     class Defaults(BaseModel):
@@ -401,6 +407,7 @@ def _models() -> _Models:
         seccomp: str | Unset = policy_fields["seccomp"][1]
         capabilities: list[str] | Unset = policy_fields["capabilities"][1]
         limits: Limits | Unset = policy_fields["limits"][1]
+        landlock: bool | str | Unset = policy_fields["landlock"][1]
 
     class Task(BaseModel):
         model_config = strict
@@ -450,6 +457,7 @@ def _models() -> _Models:
         seccomp: str | Unset = policy_fields["seccomp"][1]
         capabilities: list[str] | Unset = policy_fields["capabilities"][1]
         limits: Limits | Unset = policy_fields["limits"][1]
+        landlock: bool | str | Unset = policy_fields["landlock"][1]
 
     class CacheSettings(BaseModel):
         model_config = strict
@@ -535,6 +543,7 @@ _EXPECTED = {
     "open_files": "a whole number",
     "file_size": 'a size such as "1GiB"',
     "cpu_time": _DURATION_EXPECTED,
+    "landlock": 'true, false or "best-effort"',
 }
 
 
@@ -687,6 +696,7 @@ class _Settings:
     seccomp: str
     capabilities: tuple[str, ...]
     limits: dict[str, int | None]
+    landlock: str
 
 
 class _Builder:
@@ -763,6 +773,22 @@ class _Builder:
                                 ("defaults",)),
             capabilities=self.capabilities(spec.get("capabilities", []), ("defaults",)),
             limits=self.limits(spec.get("limits", {}), ("defaults",), {}),
+            landlock=self.landlock(spec["landlock"], ("defaults",))
+            if "landlock" in spec
+            else "required",
+        )
+
+    def landlock(self, value: bool | str, at: KeyPath) -> str:
+        if value is True:
+            return "required"
+        if value is False:
+            return "off"
+        if value == "best-effort":
+            return value
+        raise self.fail(
+            (*at, "landlock"), f'"landlock" must be true, false or "best-effort", got '
+            f"{_show(value)}", Reason.BAD_VALUE,
+            hint='"best-effort" runs without Landlock on a kernel that has none',
         )
 
     def capabilities(self, names: list[str], at: KeyPath) -> tuple[str, ...]:
@@ -850,6 +876,9 @@ class _Builder:
             capabilities=self.capabilities(spec["capabilities"], at)
             if "capabilities" in spec
             else defaults.capabilities,
+            landlock=self.landlock(spec["landlock"], at)
+            if "landlock" in spec
+            else defaults.landlock,
             open_files=limits.get("open_files"),
             file_size=limits.get("file_size"),
             cpu_time=limits.get("cpu_time"),

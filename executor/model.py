@@ -47,6 +47,7 @@ class TaskDef:
     open_files: int | None = None  # None = the sandbox's default
     file_size: int | None = None  # bytes; None = unlimited
     cpu_time: int | None = None  # seconds; None = unlimited
+    landlock: str = "required"  # "required" | "best-effort" | "off"
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,12 @@ import enum
 from dataclasses import dataclass, field
 
 
+class Landlock(enum.StrEnum):
+    REQUIRED = "required"  # refuse to run where the kernel has no Landlock
+    BEST_EFFORT = "best-effort"  # use it where the kernel has it, say so where not
+    OFF = "off"  # an explicit opt-out
+
+
 class Seccomp(enum.StrEnum):
     DEFAULT = "default"  # deny what a build never needs (see namespace/seccomp.py)
     UNCONFINED = "unconfined"  # an explicit opt-out, shown in every report
@@ -65,6 +71,7 @@ class Policy:
     seccomp: Seccomp = Seccomp.DEFAULT
     capabilities: tuple[str, ...] = ()  # kept; every other one is dropped
     limits: Limits = field(default_factory=Limits)
+    landlock: Landlock = Landlock.REQUIRED
 
     def capability_mask(self) -> int:
         return sum(1 << CAPABILITIES.index(name) for name in self.capabilities)
@@ -73,4 +80,5 @@ class Policy:
         """A stable text of everything enforced, for the cache key and reports."""
         caps = ",".join(sorted(self.capabilities)) or "none"
         limits = ",".join(f"{resource}={value}" for resource, value in self.limits.rlimits())
-        return f"seccomp={self.seccomp.value};caps={caps};rlimits={limits}"
+        return (f"seccomp={self.seccomp.value};caps={caps};rlimits={limits};"
+                f"landlock={self.landlock.value}")

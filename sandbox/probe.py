@@ -8,6 +8,7 @@ says what is missing in the user's terms with a hint.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import socket
 from dataclasses import dataclass
@@ -73,15 +74,22 @@ def seccomp() -> Check:
                  required=True)
 
 
-def landlock() -> Check:
+@functools.cache
+def landlock_abi() -> int:
+    """The kernel's Landlock ABI version; 0 when it has none (or it is off)."""
     abi = _libc.syscall(_SYS_LANDLOCK_CREATE_RULESET, None, 0,
                         _LANDLOCK_CREATE_RULESET_VERSION)
-    if abi < 0:
-        err = ctypes.get_errno()
-        why = "disabled at boot (add landlock to lsm=)" if err == 95 else os.strerror(err)
-        return Check("landlock", False, f"not available: {why}",
-                     "hitz does not use Landlock yet; nothing to do for now")
-    return Check("landlock", True, f"ABI {abi} (hitz does not use it yet)")
+    return max(0, int(abi))
+
+
+def landlock() -> Check:
+    abi = landlock_abi()
+    if abi < 1:
+        return Check("landlock", False, "not available in this kernel (or not in lsm=)",
+                     'tasks need landlock = "best-effort" (or false) to run here',
+                     required=True)
+    scopes = "; abstract unix sockets and signals scoped" if abi >= 6 else ""
+    return Check("landlock", True, f"ABI {abi}: filesystem rules{scopes}", required=True)
 
 
 def cgroups() -> Check:

@@ -39,6 +39,7 @@ import contextlib
 import errno
 import math
 import os
+import posixpath
 import selectors
 import signal
 import time
@@ -51,7 +52,8 @@ from hitz.sandbox.namespace.ops import BindReadOnly, Op, flatten
 from hitz.sandbox.namespace.plan import HostLayout, base_ops, work_ops, writable_roots
 from hitz.sandbox.namespace.seccomp import compile_default
 from hitz.sandbox.outputs import OutputRejected, collect
-from hitz.sandbox.policy import Seccomp
+from hitz.sandbox.policy import Landlock, Seccomp
+from hitz.sandbox.probe import landlock_abi
 from hitz.sandbox.spec import SandboxResult, SandboxSpec, Status, Usage
 
 # The host uid/gid that a task's root maps to when hitz runs as root.
@@ -276,8 +278,27 @@ class NamespaceBackend:
             str(spec.policy.capability_mask()),
             "0" if spec.policy.seccomp is Seccomp.UNCONFINED else "1",
             str(len(limits)), *(str(n) for pair in limits for n in pair),
+            *self._landlock_fields(spec),
             str(op_count),
         ])
+
+    def _landlock_fields(self, spec: SandboxSpec) -> list[str]:
+        """Landlock mode (0 off, 1 required, 2 best effort) and the sandbox
+        paths where the task may write."""
+        mode = spec.policy.landlock
+        if mode is Landlock.OFF:
+            return ["0", "0"]
+        if mode is Landlock.REQUIRED and landlock_abi() < 1:
+            raise SandboxUnavailable(
+                f"task `:{spec.task}` needs Landlock; this kernel has none",
+                hint='set landlock = "best-effort" on the task (or in [defaults]) to run '
+                "it without; `hitz doctor` shows what the kernel offers",
+            )
+        writable = ["/tmp", "/dev/shm"] + [
+            posixpath.join(spec.cwd, root) if root else spec.cwd
+            for root in writable_roots(spec.outputs)
+        ]
+        return ["1" if mode is Landlock.REQUIRED else "2", str(len(writable)), *writable]
 
     def _filter_for(self, spec: SandboxSpec) -> int | None:
         """A memfd holding the BPF program of ``spec``'s seccomp profile

@@ -10,9 +10,12 @@ essential), by their x86-64 numbers.
 from __future__ import annotations
 
 import platform
+import socket
+import uuid
 
 import pytest
 
+from hitz.sandbox.probe import landlock_abi
 from tests.helpers import Project
 from tests.security.test_isolation import Probe, assert_ran, probe
 
@@ -165,3 +168,44 @@ def test_the_policy_is_part_of_the_cache_key(project: Project) -> None:
 
 
 __all__ = ["Probe"]
+
+
+def _abstract_listener() -> tuple[socket.socket, str]:
+    name = f"hitz-probe-{uuid.uuid4().hex}"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind("\0" + name)
+    sock.listen(1)
+    return sock, name
+
+
+def _connect_abstract(name: str) -> str:
+    return (
+        "perl -MSocket -e 'socket(my $s, AF_UNIX, SOCK_STREAM, 0) or die;"
+        f" my $a = pack_sockaddr_un(\"\\0{name}\");"
+        " if (connect($s, $a)) {{ print \"connected\\n\"; exit 77 }}"
+        " print(($!+0), \"\\n\")'"
+    )
+
+
+@pytest.mark.skipif(landlock_abi() < 6, reason="Landlock ABI 6 (scopes) not in this kernel")
+def test_cannot_reach_a_host_abstract_socket_even_with_the_host_network(
+    project: Project,
+) -> None:
+    # network = "host" shares the host's abstract unix sockets (D-Bus, X11);
+    # Landlock's scope keeps the task from connecting to one.
+    listener, name = _abstract_listener()
+    with listener:
+        p = probe(project, _connect_abstract(name),
+                  extra={"network": "host", "cache": False})
+    assert_ran(p)
+    assert p.stdout == "1\n", str(p)  # EPERM
+
+
+def test_landlock_false_is_an_explicit_opt_out(project: Project) -> None:
+    listener, name = _abstract_listener()
+    with listener:
+        p = probe(project, _connect_abstract(name).replace("exit 77", "exit 0"),
+                  extra={"network": "host", "cache": False, "landlock": False,
+                         "seccomp": "default"})
+    assert p.result.task("probe")["outcome"] == "succeeded", str(p)
+    assert p.stdout == "connected\n", str(p)

@@ -444,10 +444,11 @@ def test_cannot_remount_inputs_read_write(project: Project) -> None:
 
 
 def test_cannot_remount_inputs_read_write_from_a_nested_user_namespace(project: Project) -> None:
-    # With seccomp = "unconfined" and CAP_SETFCAP (needed to map root since
-    # Linux 5.12) a task may create user namespaces of its own, where it holds
-    # every capability; the mounts it inherits stay locked read-only there.
-    # The default policy forbids both (see the seccomp and capability probes).
+    # With seccomp = "unconfined", CAP_SETFCAP (needed to map root since
+    # Linux 5.12) and no Landlock (which forbids writing the id maps) a task
+    # may create user namespaces of its own, where it holds every capability;
+    # the mounts it inherits stay locked read-only there. The default policy
+    # forbids all of that (see tests/security/test_hardening.py).
     project.write("src/a.txt", "original\n")
     script = (
         "unshare --user --map-root-user --mount sh -c '"
@@ -455,7 +456,8 @@ def test_cannot_remount_inputs_read_write_from_a_nested_user_namespace(project: 
         " if echo evil > /work/src/a.txt; then exit 77; fi'"
     )
     p = probe(project, script, inputs=("src/a.txt",),
-              extra={"seccomp": "unconfined", "capabilities": ["CAP_SETFCAP"]})
+              extra={"seccomp": "unconfined", "capabilities": ["CAP_SETFCAP"],
+                     "landlock": False})
     assert_refused(p, EROFS)
     assert p.stdout == "0\n", "the nested user namespace was not created"
     assert project.read("src/a.txt") == "original\n"

@@ -321,7 +321,7 @@ def test_the_action_names_its_command_and_timeout(checkout: Checkout) -> None:
         "hitz.network": "none",
         "hitz.rootfs": ROOTFS,
         "hitz.sandbox": key.platform["hitz.sandbox"],
-        "hitz.policy": "seccomp=default;caps=none;rlimits=4=0,7=4096",
+        "hitz.policy": "seccomp=default;caps=none;rlimits=4=0,7=4096;landlock=required",
     }
     assert list(key.command.arguments) == ["/bin/sh", "-c", "cc -c src/main.c -o build/main.o"]
 

@@ -405,7 +405,8 @@ CASES = [
         '[tasks.test]\nrun = "x"\nimage = "alpine"\n',
         'hitz.toml:3: task "test": unknown key "image"',
         'the known keys are "description", "run", "inputs", "outputs", "deps", "env",'
-        ' "timeout", "network", "backend", "rootfs", "cache", "seccomp", "capabilities", "limits"',
+        ' "timeout", "network", "backend", "rootfs", "cache", "seccomp", "capabilities",'
+        ' "limits", "landlock"',
         R.UNKNOWN_KEY,
         id="unknown-task-key-no-match",
     ),
@@ -976,6 +977,7 @@ def test_json_schema() -> None:
         "seccomp",
         "capabilities",
         "limits",
+        "landlock",
     }
     assert "default" not in task["properties"]["timeout"]
     assert schema["$defs"]["Defaults"]["properties"]["timeout"]["default"] == "10m"
