@@ -87,9 +87,13 @@ def platform_properties(task: TaskDef, rootfs_identity: str) -> dict[str, str]:
 
 def policy_of(task: TaskDef) -> Policy:
     """The sandbox policy ``task`` runs under: what its manifest entry asks."""
-    limits = Limits() if task.open_files is None else Limits(open_files=task.open_files)
-    if task.file_size is not None or task.cpu_time is not None:
-        limits = Limits(limits.open_files, task.file_size, task.cpu_time)
+    default = Limits()
+    limits = Limits(
+        default.open_files if task.open_files is None else task.open_files,
+        task.file_size,
+        task.cpu_time,
+        default.output if task.output_limit is None else task.output_limit,
+    )
     return Policy(Seccomp(task.seccomp), tuple(task.capabilities), limits,
                   Landlock(task.landlock))
 

@@ -132,7 +132,7 @@ _CACHE_VERSION = "hitz-manifest-cache/1"
 _TASK_FIELDS = (
     "name", "argv", "inputs", "outputs", "deps", "env", "backend", "rootfs", "network",
     "timeout_s", "description", "line", "shell", "cache", "seccomp", "capabilities",
-    "open_files", "file_size", "cpu_time", "landlock",
+    "open_files", "file_size", "cpu_time", "landlock", "output_limit",
 )
 assert TaskDef.__match_args__ == _TASK_FIELDS, "rows of the cache are TaskDef's fields, in order"
 
@@ -362,6 +362,11 @@ def _models() -> _Models:
             description="CPU time per process (RLIMIT_CPU), a duration.",
             json_schema_extra=duration,
         )
+        output: str | Unset = Field(
+            None,
+            description='Most stdout + stderr kept, such as "64MiB" (the default); a task'
+            " printing more is killed and fails.",
+        )
 
     policy_fields: dict[str, Any] = {
         "seccomp": (
@@ -543,6 +548,7 @@ _EXPECTED = {
     "open_files": "a whole number",
     "file_size": 'a size such as "1GiB"',
     "cpu_time": _DURATION_EXPECTED,
+    "output": 'a size such as "64MiB"',
     "landlock": 'true, false or "best-effort"',
 }
 
@@ -820,6 +826,13 @@ class _Builder:
                 raise self.fail((*path, "file_size"), '"file_size" must be a size such as '
                                 f'"1GiB", got {_show(spec["file_size"])}',
                                 Reason.BAD_VALUE) from None
+        if "output" in spec:
+            try:
+                limits["output"] = parse_size(spec["output"])
+            except ValueError:
+                raise self.fail((*path, "output"), '"output" must be a size such as '
+                                f'"64MiB", got {_show(spec["output"])}',
+                                Reason.BAD_VALUE) from None
         if "cpu_time" in spec:
             limits["cpu_time"] = max(1, round(self.timeout_at(spec["cpu_time"], path, "cpu_time")))
         return limits
@@ -882,6 +895,7 @@ class _Builder:
             open_files=limits.get("open_files"),
             file_size=limits.get("file_size"),
             cpu_time=limits.get("cpu_time"),
+            output_limit=limits.get("output"),
         )
 
     def command(self, run: str | list[str], path: KeyPath) -> tuple[str, ...]:

@@ -48,6 +48,7 @@ class TaskDef:
     file_size: int | None = None  # bytes; None = unlimited
     cpu_time: int | None = None  # seconds; None = unlimited
     landlock: str = "required"  # "required" | "best-effort" | "off"
+    output_limit: int | None = None  # bytes of stdout + stderr; None = the default
 
 
 @dataclass(frozen=True)

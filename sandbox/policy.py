@@ -50,12 +50,14 @@ class Limits:
 
     ``open_files``: RLIMIT_NOFILE. ``file_size``: RLIMIT_FSIZE in bytes, None =
     unlimited. ``cpu_time``: RLIMIT_CPU in seconds, None = unlimited. Core
-    dumps are always off.
+    dumps are always off. ``output``: the most stdout + stderr hitz keeps; a
+    task printing more is killed (not an rlimit: hitz measures it).
     """
 
     open_files: int = 4096
     file_size: int | None = None
     cpu_time: int | None = None
+    output: int = 64 << 20  # bytes of stdout + stderr kept; more kills the task
 
     def rlimits(self) -> list[tuple[int, int]]:
         limits = [(RLIMIT_CORE, 0), (RLIMIT_NOFILE, self.open_files)]
@@ -80,5 +82,7 @@ class Policy:
         """A stable text of everything enforced, for the cache key and reports."""
         caps = ",".join(sorted(self.capabilities)) or "none"
         limits = ",".join(f"{resource}={value}" for resource, value in self.limits.rlimits())
+        if self.limits.output != Limits().output:
+            limits += f",output={self.limits.output}"
         return (f"seccomp={self.seccomp.value};caps={caps};rlimits={limits};"
                 f"landlock={self.landlock.value}")

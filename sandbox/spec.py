@@ -81,6 +81,7 @@ class Status(enum.StrEnum):
     TIMED_OUT = "timed-out"  # wall-clock timeout: terminated, then killed
     OUTPUT_MISSING = "output-missing"  # exit status 0 but an output is missing or invalid
     SETUP_FAILED = "setup-failed"  # the sandbox could not be built; the task never ran
+    LIMIT_EXCEEDED = "limit-exceeded"  # killed for going past a limit of its policy
     CANCELLED = "cancelled"  # stopped by Ctrl-C / SIGTERM / fail-fast
 
 

@@ -68,6 +68,7 @@ _MOUNT_HINTS = {
 }
 _LOW_FDS = 10  # our copies of the fds handed to a launcher live above 0-4
 _REPORT_GRACE = 5.0  # seconds a reaped launcher's report pipe may stay open
+_OUTPUT_CHECK_S = 0.25  # how often a running task's captured output is measured
 
 
 @dataclass
@@ -90,6 +91,7 @@ class _Launch:
     exit: tuple[int, Any] | None = None  # (wait status, rusage) once reaped
     reaped_at: float = 0.0
     go_w: int | None = None  # a held launch waits for a byte on this pipe
+    output_exceeded: bool = False  # killed for printing more than its cap
 
 
 class NamespaceBackend:
@@ -252,9 +254,11 @@ class NamespaceBackend:
             self._held.pop(launch.spec.task, None)
             os.close(launch.go_w)
             launch.go_w = None
-        _keep_log(launch.stdout, launch.spec.stdout_path)
-        _keep_log(launch.stderr, launch.spec.stderr_path)
-        return self._result(launch)
+        result = self._result(launch)
+        cap = launch.spec.policy.limits.output
+        _keep_log(launch.stdout, launch.spec.stdout_path, cap)
+        _keep_log(launch.stderr, launch.spec.stderr_path, cap)
+        return result
 
     def _base_for(self, spec: SandboxSpec) -> tuple[list[Op], bytes]:
         cached = self._base.get(spec.network.value)
@@ -381,6 +385,10 @@ class NamespaceBackend:
                 continue
             if launch.go_w is not None:
                 continue  # held: its time starts when it is released
+            if launch.killed_at is None and self._over_output_cap(launch):
+                launch.output_exceeded = True
+                launch.killed_at = now
+                self._kill(launch, signal.SIGKILL)
             if launch.killed_at is None and now >= launch.deadline:
                 launch.timed_out = True
                 launch.killed_at = now
@@ -391,9 +399,16 @@ class NamespaceBackend:
                     self._kill(launch, signal.SIGKILL)
                     due = now + 1.0  # keep prodding until it is reaped
             else:
-                due = launch.deadline
+                # Captured output is checked at least this often.
+                due = min(launch.deadline, now + _OUTPUT_CHECK_S)
             nxt = due if nxt is None else min(nxt, due)
         return None if nxt is None else max(0.0, nxt - now)
+
+    def _over_output_cap(self, launch: _Launch) -> bool:
+        """Has the task printed more than its policy's cap (stdout + stderr)?
+        The streams are memfds: a task must not fill the host's memory."""
+        cap = launch.spec.policy.limits.output
+        return os.fstat(launch.stdout).st_size + os.fstat(launch.stderr).st_size > cap
 
     def _result(self, launch: _Launch) -> SandboxResult:
         spec = launch.spec
@@ -414,6 +429,12 @@ class NamespaceBackend:
         if launch.timed_out:
             return SandboxResult(status=Status.TIMED_OUT, exit_code=exit_code,
                                  message=f"timed out after {spec.timeout:g}s", **base)
+        if launch.output_exceeded or (exit_code is not None and self._over_output_cap(launch)):
+            cap = spec.policy.limits.output
+            return SandboxResult(
+                status=Status.LIMIT_EXCEEDED, exit_code=exit_code,
+                message=f"printed more than {cap >> 20} MiB to stdout and stderr "
+                "(limits.output)", **base)
         if errors and errors[0].startswith("exec "):
             _, err, _, _text = errors[0].split(" ", 3)
             return SandboxResult(status=Status.FAILED, exit_code=127,
@@ -447,11 +468,12 @@ def _high(fd: int) -> int:
     return moved
 
 
-def _keep_log(memfd: int, path: str) -> None:
-    """Write a task's captured stream to ``path`` if it is not empty, else
-    remove what an earlier run left there; close the memfd."""
+def _keep_log(memfd: int, path: str, cap: int) -> None:
+    """Write a task's captured stream (at most ``cap`` bytes of it) to
+    ``path`` if it is not empty, else remove what an earlier run left there;
+    close the memfd."""
     try:
-        size = os.fstat(memfd).st_size
+        size = min(os.fstat(memfd).st_size, cap)
         if size == 0:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)

@@ -209,3 +209,12 @@ def test_landlock_false_is_an_explicit_opt_out(project: Project) -> None:
                          "seccomp": "default"})
     assert p.result.task("probe")["outcome"] == "succeeded", str(p)
     assert p.stdout == "connected\n", str(p)
+
+
+def test_printing_past_the_output_cap_fails_the_task(project: Project) -> None:
+    p = probe(project, "head -c 3000000 /dev/zero | tr '\\0' x",
+              extra={"limits": {"output": "1MiB"}})
+    entry = p.result.task("probe")
+    assert (entry["outcome"], entry["status"]) == ("failed", "limit-exceeded"), str(p)
+    assert entry["message"] == "printed more than 1 MiB to stdout and stderr (limits.output)"
+    assert len(p.stdout) <= 1 << 20  # the log keeps the cap, no more
