@@ -88,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
         "explain", help="say whether a task would come from the cache, and why not"))
     explain_cmd.add_argument("task", metavar="TASK")
 
-    cache = sub.add_parser("cache", help="inspect or trim the local cache")
+    cache = sub.add_parser("cache", help="inspect, trim or serve the local cache")
     cache_sub = cache.add_subparsers(dest="cache_command", metavar="SUBCOMMAND",
                                      parser_class=_Parser, required=True)
     with_config(cache_sub.add_parser("stats", help="entries, size and the last run's hits"))
@@ -96,6 +96,12 @@ def _parser() -> argparse.ArgumentParser:
     gc.add_argument("--max-size", metavar="SIZE",
                     help='shrink the cache to this size, such as "1GiB" (default: '
                     "[cache] max_size, else 10GiB)")
+    serve = cache_sub.add_parser("serve", help="serve the local cache to REAPI clients (Bazel...)")
+    serve.add_argument("--listen", default="127.0.0.1:8980", metavar="HOST:PORT",
+                       help="the address to listen on (default: 127.0.0.1:8980; port 0: any)")
+    serve.add_argument("--cache-dir", metavar="DIR",
+                       help="the cache folder (default: $HITZ_CACHE_DIR, else "
+                       "$XDG_CACHE_HOME/hitz, else ~/.cache/hitz)")
 
     with_config(sub.add_parser("validate", help="check the manifest and its graph; run nothing"))
 
@@ -177,6 +183,10 @@ def _dispatch(argv: list[str]) -> int:
 
         print(json.dumps(json_schema(), indent=2))
         return 0
+    if args.command == "cache" and args.cache_command == "serve":
+        from hitz.executor.server import serve
+
+        return serve(args.listen, args.cache_dir)
     manifest = _load(args.config)
     if args.command == "run":
         return _run(manifest, args)

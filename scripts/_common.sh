@@ -9,8 +9,10 @@ VENV=${HITZ_VENV:-$REPO/.venv}
 VENV=$(realpath -m "$VENV")
 cd "$REPO" || exit 1
 # What the test suite needs from Debian 12 (the examples and the integration
-# tests compile C with the host `cc`). bubblewrap is only for bench/run.py.
-APT_PACKAGES=(python3-venv gcc make libc6-dev)
+# tests compile C with the host `cc`; bazel-bootstrap is Bazel 4.2.3, the real
+# REAPI client of tests/integration/test_bazel_interop.py). bubblewrap is only
+# for bench/run.py.
+APT_PACKAGES=(python3-venv gcc make libc6-dev bazel-bootstrap)
 
 LOG=$(mktemp)
 trap 'rm -f "$LOG"' EXIT
