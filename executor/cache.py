@@ -123,6 +123,8 @@ class TaskCache:
         self.reasons: dict[str, list[str]] = {}
         self._warn = warn
         self.warning: str | None = None
+        # Store each result's Action, Command and input tree too (for a remote).
+        self.keep_action_blobs = False
 
     @property
     def _previous(self) -> dict[str, dict[str, object]]:
@@ -393,9 +395,13 @@ class TaskCache:
                     path=rel, digest=pb.Digest(hash=digest.hash, size_bytes=digest.size),
                     is_executable=executable)
                 files[rel] = (digest, executable)
-        for digest, blob in key.blobs.items():
-            if not self.store.contains(digest):
-                self.store.put_bytes(blob)
+        # The Action, Command and input Directory blobs matter only to a
+        # remote (execution, or a cache that checks them); locally they would
+        # cost three more files per task, for nothing a lookup reads.
+        if self.keep_action_blobs:
+            for digest, blob in key.blobs.items():
+                if not self.store.contains(digest):
+                    self.store.put_bytes(blob)
         self.store.put_action_result(key.digest, result.SerializeToString(deterministic=True))
         return files
 
