@@ -12,7 +12,7 @@ cd "$REPO" || exit 1
 # tests compile C with the host `cc`; bazel-bootstrap is Bazel 4.2.3, the real
 # REAPI client of tests/integration/test_bazel_interop.py). bubblewrap is only
 # for bench/run.py.
-APT_PACKAGES=(python3-venv gcc make libc6-dev bazel-bootstrap)
+APT_PACKAGES=(python3-venv gcc make libc6-dev libseccomp2 bazel-bootstrap)
 
 LOG=$(mktemp)
 trap 'rm -f "$LOG"' EXIT
