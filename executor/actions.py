@@ -93,6 +93,9 @@ def policy_of(task: TaskDef) -> Policy:
         task.file_size,
         task.cpu_time,
         default.output if task.output_limit is None else task.output_limit,
+        task.memory_limit,
+        task.pids_limit,
+        task.cpu_limit,
     )
     return Policy(Seccomp(task.seccomp), tuple(task.capabilities), limits,
                   Landlock(task.landlock))

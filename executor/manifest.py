@@ -132,7 +132,8 @@ _CACHE_VERSION = "hitz-manifest-cache/1"
 _TASK_FIELDS = (
     "name", "argv", "inputs", "outputs", "deps", "env", "backend", "rootfs", "network",
     "timeout_s", "description", "line", "shell", "cache", "seccomp", "capabilities",
-    "open_files", "file_size", "cpu_time", "landlock", "output_limit",
+    "open_files", "file_size", "cpu_time", "landlock", "output_limit", "memory_limit",
+    "pids_limit", "cpu_limit",
 )
 assert TaskDef.__match_args__ == _TASK_FIELDS, "rows of the cache are TaskDef's fields, in order"
 
@@ -367,6 +368,15 @@ def _models() -> _Models:
             description='Most stdout + stderr kept, such as "64MiB" (the default); a task'
             " printing more is killed and fails.",
         )
+        memory: str | Unset = Field(
+            None, description='Memory of the whole task (a cgroup), such as "2GiB".'
+        )
+        pids: int | Unset = Field(
+            None, description="Processes and threads the task may have at once (a cgroup)."
+        )
+        cpu: float | int | Unset = Field(
+            None, description="CPUs' worth of time the task may use, such as 1.5 (a cgroup)."
+        )
 
     policy_fields: dict[str, Any] = {
         "seccomp": (
@@ -549,6 +559,9 @@ _EXPECTED = {
     "file_size": 'a size such as "1GiB"',
     "cpu_time": _DURATION_EXPECTED,
     "output": 'a size such as "64MiB"',
+    "memory": 'a size such as "2GiB"',
+    "pids": "a whole number",
+    "cpu": "a number of CPUs such as 1.5",
     "landlock": 'true, false or "best-effort"',
 }
 
@@ -826,6 +839,19 @@ class _Builder:
                 raise self.fail((*path, "file_size"), '"file_size" must be a size such as '
                                 f'"1GiB", got {_show(spec["file_size"])}',
                                 Reason.BAD_VALUE) from None
+        if "memory" in spec:
+            try:
+                limits["memory"] = parse_size(spec["memory"])
+            except ValueError:
+                raise self.fail((*path, "memory"), '"memory" must be a size such as '
+                                f'"2GiB", got {_show(spec["memory"])}',
+                                Reason.BAD_VALUE) from None
+        for key in ("pids", "cpu"):
+            if key in spec:
+                if spec[key] <= 0:
+                    raise self.fail((*path, key), f'"{key}" must be above zero, got '
+                                    f"{spec[key]}", Reason.BAD_VALUE)
+                limits[key] = spec[key]
         if "output" in spec:
             try:
                 limits["output"] = parse_size(spec["output"])
@@ -896,6 +922,9 @@ class _Builder:
             file_size=limits.get("file_size"),
             cpu_time=limits.get("cpu_time"),
             output_limit=limits.get("output"),
+            memory_limit=limits.get("memory"),
+            pids_limit=limits.get("pids"),
+            cpu_limit=limits.get("cpu"),
         )
 
     def command(self, run: str | list[str], path: KeyPath) -> tuple[str, ...]:

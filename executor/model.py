@@ -49,6 +49,9 @@ class TaskDef:
     cpu_time: int | None = None  # seconds; None = unlimited
     landlock: str = "required"  # "required" | "best-effort" | "off"
     output_limit: int | None = None  # bytes of stdout + stderr; None = the default
+    memory_limit: int | None = None  # bytes for the whole task (cgroup); None = unlimited
+    pids_limit: int | None = None  # processes at once (cgroup); None = unlimited
+    cpu_limit: float | None = None  # CPUs' worth of time (cgroup); None = unlimited
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,9 @@ class Limits:
     file_size: int | None = None
     cpu_time: int | None = None
     output: int = 64 << 20  # bytes of stdout + stderr kept; more kills the task
+    memory: int | None = None  # bytes, for the whole task (cgroup); None = unlimited
+    pids: int | None = None  # processes and threads at once (cgroup); None = unlimited
+    cpu: float | None = None  # CPUs' worth of time (cgroup quota); None = unlimited
 
     def rlimits(self) -> list[tuple[int, int]]:
         limits = [(RLIMIT_CORE, 0), (RLIMIT_NOFILE, self.open_files)]
@@ -84,5 +87,9 @@ class Policy:
         limits = ",".join(f"{resource}={value}" for resource, value in self.limits.rlimits())
         if self.limits.output != Limits().output:
             limits += f",output={self.limits.output}"
+        for name in ("memory", "pids", "cpu"):
+            value = getattr(self.limits, name)
+            if value is not None:
+                limits += f",{name}={value}"
         return (f"seccomp={self.seccomp.value};caps={caps};rlimits={limits};"
                 f"landlock={self.landlock.value}")

@@ -48,6 +48,9 @@ from typing import Any
 
 from hitz.sandbox.errors import SandboxError, SandboxErrorReason, SandboxUnavailable
 from hitz.sandbox.namespace.build import launcher_path
+from hitz.sandbox.namespace.cgroups import Layout as CgroupLayout
+from hitz.sandbox.namespace.cgroups import TaskCgroups
+from hitz.sandbox.namespace.cgroups import create as create_cgroups
 from hitz.sandbox.namespace.ops import BindReadOnly, Op, flatten
 from hitz.sandbox.namespace.plan import HostLayout, base_ops, work_ops, writable_roots
 from hitz.sandbox.namespace.seccomp import compile_default
@@ -92,6 +95,7 @@ class _Launch:
     reaped_at: float = 0.0
     go_w: int | None = None  # a held launch waits for a byte on this pipe
     output_exceeded: bool = False  # killed for printing more than its cap
+    cgroups: TaskCgroups | None = None  # its memory/pids/cpu limits, if any
 
 
 class NamespaceBackend:
@@ -109,6 +113,9 @@ class NamespaceBackend:
         self._done: list[_Launch] = []  # given up waiting for their report pipe
         self._held: dict[str, _Launch] = {}  # prestarted, waiting for release
         self._bpf: bytes | None = None  # the default seccomp profile, compiled once
+        self._cgroup_layout: CgroupLayout | None = None
+        self._cgroup_count = 0
+        self._busy_cgroups: list[TaskCgroups] = []  # to remove once their tasks are gone
 
     # --- SandboxBackend ---------------------------------------------------
     def start(self, spec: SandboxSpec) -> None:
@@ -157,6 +164,7 @@ class NamespaceBackend:
         out = _high(os.memfd_create(f"hitz-{spec.task}-stdout", os.MFD_CLOEXEC))
         err = _high(os.memfd_create(f"hitz-{spec.task}-stderr", os.MFD_CLOEXEC))
         bpf = self._filter_for(spec)
+        task_cgroups = self._cgroups_for(spec)
         actions = [
             (os.POSIX_SPAWN_DUP2, self._devnull, 0),
             (os.POSIX_SPAWN_DUP2, out, 1),
@@ -169,8 +177,8 @@ class NamespaceBackend:
         if bpf is not None:
             actions.append((os.POSIX_SPAWN_DUP2, bpf, 6))
         try:
-            os.write(plan, self._header(spec, len(base) + len(ops), hold) + base_bytes
-                     + _join(flatten(ops)))
+            os.write(plan, self._header(spec, len(base) + len(ops), hold, task_cgroups)
+                     + base_bytes + _join(flatten(ops)))
             pid = os.posix_spawn(
                 self._launcher, ["hitz-launch", str(os.getpid())], {},
                 file_actions=actions,
@@ -180,6 +188,8 @@ class NamespaceBackend:
         except OSError as exc:
             for fd in (report_r, out, err, *([go_w] if go_w is not None else [])):
                 os.close(fd)
+            if task_cgroups is not None:
+                task_cgroups.remove()
             raise SandboxError(
                 f"cannot start the sandbox launcher `{self._launcher}`: {exc.strerror}",
                 reason=SandboxErrorReason.HELPER_DIED,
@@ -193,7 +203,8 @@ class NamespaceBackend:
                 os.close(bpf)
         now = time.monotonic()
         launch = _Launch(spec, [*base, *ops], pid, os.pidfd_open(pid), report_r, out, err,
-                         now, math.inf if hold else now + spec.timeout, go_w=go_w)
+                         now, math.inf if hold else now + spec.timeout, go_w=go_w,
+                         cgroups=task_cgroups)
         if hold:
             self._held[spec.task] = launch
         os.set_blocking(report_r, False)
@@ -243,6 +254,9 @@ class NamespaceBackend:
         self.cancel_all()
         while self._running:
             self.wait(1.0)
+        for cgroups in self._busy_cgroups:  # their last processes have exited by now
+            cgroups.remove()
+        self._busy_cgroups.clear()
         if self._devnull >= 0:
             os.close(self._devnull)
             self._devnull = -1
@@ -255,6 +269,8 @@ class NamespaceBackend:
             os.close(launch.go_w)
             launch.go_w = None
         result = self._result(launch)
+        if launch.cgroups is not None and not launch.cgroups.remove():
+            self._busy_cgroups.append(launch.cgroups)
         cap = launch.spec.policy.limits.output
         _keep_log(launch.stdout, launch.spec.stdout_path, cap)
         _keep_log(launch.stderr, launch.spec.stderr_path, cap)
@@ -267,11 +283,14 @@ class NamespaceBackend:
             cached = self._base[spec.network.value] = (ops, _join(flatten(ops)))
         return cached
 
-    def _header(self, spec: SandboxSpec, op_count: int, hold: bool) -> bytes:
+    def _header(self, spec: SandboxSpec, op_count: int, hold: bool,
+                launch_cgroups: TaskCgroups | None) -> bytes:
         env = [f"{key}={value}" for key, value in spec.env.items()]
         limits = spec.policy.limits.rlimits()
+        cgroups = launch_cgroups.paths if launch_cgroups else []
         return _join([
             "hitz-launch/1",
+            str(len(cgroups)), *cgroups,
             "1" if self._host_root else "0",
             str(SANDBOX_HOST_ID if self._host_root else 0),
             spec.network.value,
@@ -303,6 +322,17 @@ class NamespaceBackend:
             for root in writable_roots(spec.outputs)
         ]
         return ["1" if mode is Landlock.REQUIRED else "2", str(len(writable)), *writable]
+
+    def _cgroups_for(self, spec: SandboxSpec) -> TaskCgroups | None:
+        limits = spec.policy.limits
+        if limits.memory is None and limits.pids is None and limits.cpu is None:
+            return None
+        if self._cgroup_layout is None:
+            self._cgroup_layout = CgroupLayout.probe()
+        self._cgroup_count += 1
+        name = f"{os.getpid()}-{self._cgroup_count}-{spec.task}"
+        return create_cgroups(self._cgroup_layout, name, limits.memory, limits.pids,
+                              limits.cpu)
 
     def _filter_for(self, spec: SandboxSpec) -> int | None:
         """A memfd holding the BPF program of ``spec``'s seccomp profile
@@ -429,6 +459,16 @@ class NamespaceBackend:
         if launch.timed_out:
             return SandboxResult(status=Status.TIMED_OUT, exit_code=exit_code,
                                  message=f"timed out after {spec.timeout:g}s", **base)
+        limits = spec.policy.limits
+        if exit_code != 0 and launch.cgroups is not None and launch.cgroups.oom_killed():
+            return SandboxResult(
+                status=Status.LIMIT_EXCEEDED, exit_code=exit_code,
+                message=f"killed: out of memory (limits.memory = {limits.memory} bytes)",
+                **base)
+        if exit_code != 0 and launch.cgroups is not None and launch.cgroups.hit_pids_limit():
+            return SandboxResult(
+                status=Status.LIMIT_EXCEEDED, exit_code=exit_code,
+                message=f"reached its process limit (limits.pids = {limits.pids})", **base)
         if launch.output_exceeded or (exit_code is not None and self._over_output_cap(launch)):
             cap = spec.policy.limits.output
             return SandboxResult(

@@ -574,6 +574,16 @@ int main(int argc, char **argv) {
      * must not inherit it. */
     if (fcntl(REPORT_FD, F_SETFD, FD_CLOEXEC) < 0) return 4;
     read_plan();
+    /* First of all, join the task's cgroups (memory, pids, cpu limits), so
+     * every process the task will ever have is counted. */
+    long ncgroups = next_int();
+    for (long i = 0; i < ncgroups; i++) {
+        char path[4096];
+        snprintf(path, sizeof path, "%s/cgroup.procs", next());
+        step = "cgroups";
+        write_file(path, "0");
+    }
+    step = "launcher";
     int host_root = next_int();
     long outer_id = next_int();
     int network_none = strcmp(next(), "none") == 0;

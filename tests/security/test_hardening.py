@@ -218,3 +218,33 @@ def test_printing_past_the_output_cap_fails_the_task(project: Project) -> None:
     assert (entry["outcome"], entry["status"]) == ("failed", "limit-exceeded"), str(p)
     assert entry["message"] == "printed more than 1 MiB to stdout and stderr (limits.output)"
     assert len(p.stdout) <= 1 << 20  # the log keeps the cap, no more
+
+
+def test_a_memory_bomb_is_killed_by_the_memory_limit(project: Project) -> None:
+    p = probe(project, "perl -e '$x = \"a\" x (512 * 1024 * 1024); print length($x)'",
+              extra={"limits": {"memory": "64MiB"}, "cache": False})
+    entry = p.result.task("probe")
+    assert (entry["outcome"], entry["status"]) == ("failed", "limit-exceeded"), str(p)
+    assert entry["message"] == "killed: out of memory (limits.memory = 67108864 bytes)"
+
+
+def test_a_fork_bomb_stops_at_the_process_limit(project: Project) -> None:
+    # Bounded: at most 200 sleeps are attempted; the limit lets 16 exist.
+    # dash, not the probe's bash: bash retries a failed fork for a long while.
+    p = probe(project, "exec sh -c 'for i in $(seq 200); do sleep 3 & done; wait'",
+              extra={"limits": {"pids": 16}, "cache": False})
+    entry = p.result.task("probe")
+    assert (entry["outcome"], entry["status"]) == ("failed", "limit-exceeded"), str(p)
+    assert entry["message"] == "reached its process limit (limits.pids = 16)"
+
+
+def test_cgroup_limits_leave_no_cgroup_behind(project: Project) -> None:
+    import glob
+
+    before = set(glob.glob("/sys/fs/cgroup/**/hitz/*-*-probe", recursive=True))
+    p = probe(project, "echo ran", extra={"limits": {"memory": "256MiB", "pids": 64,
+                                                      "cpu": 0.5}, "cache": False})
+    assert_ran(p)
+    assert p.stdout == "ran\n"
+    after = set(glob.glob("/sys/fs/cgroup/**/hitz/*-*-probe", recursive=True))
+    assert after <= before, f"left behind: {sorted(after - before)}"
