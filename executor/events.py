@@ -10,7 +10,7 @@ scheduler, and an observer must not raise.
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -42,6 +42,8 @@ class TaskResult:
     log_paths: Sequence[str] = ()
     cached: bool = False  # outputs restored from the cache; no sandbox started
     action_digest: str | None = None  # the task's cache key, "hash/size"
+    enforced: Mapping[str, str] | None = None  # what the sandbox enforced (None: no sandbox)
+    weakened: Sequence[str] = ()  # what of the default policy the task went without
 
 
 @dataclass(frozen=True, slots=True)

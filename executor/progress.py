@@ -238,6 +238,8 @@ class JsonSummary(_Observer):
                 "logs": list(result.log_paths),
                 "cached": result.cached,
                 "action_digest": result.action_digest,
+                "enforced": dict(result.enforced) if result.enforced else None,
+                "weakened": list(result.weakened),
             })
             for result in summary.results
         ]
@@ -278,6 +280,9 @@ def _result_lines(
 ) -> list[str]:
     """The line for a finished task; for a failure, its message, stderr tail and logs."""
     lines = [f"[{done}/{total}] {label(result.outcome)} :{result.name} ({_how(result)})"]
+    if result.weakened:
+        # A policy weaker than the default is shown wherever the task is.
+        lines[0] += f" [weakened: {', '.join(result.weakened)}]"
     if result.outcome is not Outcome.FAILED:
         return lines
     # For a plain non-zero exit or signal the first line already says it all.

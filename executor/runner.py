@@ -332,7 +332,8 @@ class Runner:
                     self._succeeded(task, key)
                 return TaskResult(task.name, Outcome.SUCCEEDED, result.status.value,
                                   result.exit_code, result.duration_s, None, None, logs,
-                                  action_digest=str(key.digest) if key else None)
+                                  action_digest=str(key.digest) if key else None,
+                                  enforced=result.enforced, weakened=result.weakened)
             self.keys.pop(task.name, None)
             outcome = Outcome.CANCELLED if result.status is Status.CANCELLED else Outcome.FAILED
             tail = None if outcome is Outcome.CANCELLED else _tail(
@@ -346,6 +347,8 @@ class Runner:
                 result.message,
                 tail,
                 logs,
+                enforced=result.enforced or None,
+                weakened=result.weakened,
             )
         finally:
             # Removing a folder tree costs ~0.4 ms per folder on ext4 here; done

@@ -109,6 +109,10 @@ class SandboxResult:
     ``exit_code``: None = never ran (setup failed or cancelled before exec);
     >= 0 = the task's exit status; < 0 = killed by signal -n.
     ``message``: a sentence for the user when ``status`` is not SUCCEEDED.
+    ``enforced``: what the sandbox actually enforced, by mechanism (seccomp
+    profile and its digest, Landlock ABI, capabilities kept, limits);
+    ``weakened``: the parts of the default policy this task did without,
+    in words for every report ("network host", "seccomp unconfined").
     """
 
     task: str
@@ -118,6 +122,8 @@ class SandboxResult:
     usage: Usage = field(default_factory=Usage)
     outputs: tuple[CollectedOutput, ...] = ()
     message: str | None = None
+    enforced: Mapping[str, str] = field(default_factory=dict)
+    weakened: tuple[str, ...] = ()
 
 
 class SandboxBackend(Protocol):

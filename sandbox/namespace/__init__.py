@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import math
 import os
 import posixpath
@@ -57,7 +58,7 @@ from hitz.sandbox.namespace.seccomp import compile_default
 from hitz.sandbox.outputs import OutputRejected, collect
 from hitz.sandbox.policy import Landlock, Seccomp
 from hitz.sandbox.probe import landlock_abi
-from hitz.sandbox.spec import SandboxResult, SandboxSpec, Status, Usage
+from hitz.sandbox.spec import Network, SandboxResult, SandboxSpec, Status, Usage
 
 # The host uid/gid that a task's root maps to when hitz runs as root.
 SANDBOX_HOST_ID = 65534
@@ -323,6 +324,37 @@ class NamespaceBackend:
         ]
         return ["1" if mode is Landlock.REQUIRED else "2", str(len(writable)), *writable]
 
+    def _enforced(self, spec: SandboxSpec) -> tuple[dict[str, str], tuple[str, ...]]:
+        """What this task ran under, and what of the default it went without."""
+        policy = spec.policy
+        weakened = []
+        if spec.network is Network.HOST:
+            weakened.append("network host")
+        if policy.seccomp is Seccomp.UNCONFINED or self._bpf is None:
+            seccomp = "unconfined"
+            weakened.append("seccomp unconfined")
+        else:
+            seccomp = f"default sha256:{hashlib.sha256(self._bpf).hexdigest()[:16]}"
+        abi = landlock_abi()
+        if policy.landlock is Landlock.OFF:
+            landlock = "off"
+            weakened.append("landlock off")
+        elif abi < 1:
+            landlock = "none in this kernel (best-effort)"
+            weakened.append("landlock unavailable")
+        else:
+            landlock = f"ABI {abi}"
+        if policy.capabilities:
+            weakened.append("capabilities " + ",".join(policy.capabilities))
+        enforced = {
+            "sandbox": "namespace",
+            "seccomp": seccomp,
+            "landlock": landlock,
+            "capabilities": ",".join(policy.capabilities) or "none",
+            "limits": policy.describe().split("rlimits=", 1)[1].split(";", 1)[0],
+        }
+        return enforced, tuple(weakened)
+
     def _cgroups_for(self, spec: SandboxSpec) -> TaskCgroups | None:
         limits = spec.policy.limits
         if limits.memory is None and limits.pids is None and limits.cpu is None:
@@ -446,10 +478,13 @@ class NamespaceBackend:
         status, usage = launch.exit
         errors = [line[2:] for line in launch.reports if line.startswith("E ")]
         exits = [int(line[2:]) for line in launch.reports if line.startswith("X ")]
+        enforced, weakened = self._enforced(spec)
         base: dict[str, Any] = {
             "task": spec.task,
             "duration_s": time.monotonic() - launch.started,
             "usage": Usage(usage.ru_utime, usage.ru_stime, int(usage.ru_maxrss)),
+            "enforced": enforced,
+            "weakened": weakened,
         }
         exit_code = os.waitstatus_to_exitcode(exits[0]) if exits else None
 

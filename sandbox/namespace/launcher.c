@@ -295,6 +295,18 @@ static void apply_ops(void) {
             const char *path = in(NEWROOT, next());
             if (mount(path, path, NULL, MS_BIND | MS_REC, NULL) < 0) die("bind");
             make_read_only(path, 1);
+        } else if (strcmp(kind, "Mask") == 0) {
+            const char *path = in(NEWROOT, next());
+            struct stat st;
+            if (lstat(path, &st) < 0) {
+                if (errno != ENOENT) die("stat a path to mask");
+            } else if (S_ISDIR(st.st_mode)) {
+                if (mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY,
+                          "size=0,mode=0555") < 0)
+                    die("mask a folder");
+            } else if (mount(in(NEWROOT, "/dev/null"), path, NULL, MS_BIND, NULL) < 0) {
+                die("mask a file");
+            }
         } else if (strcmp(kind, "RemountReadOnly") == 0) {
             make_read_only(in(NEWROOT, next()), 0);
         } else {
@@ -468,6 +480,11 @@ static void __attribute__((noreturn)) run_task(const char *path, char **argv, ch
             if (!(policy.seccomp && fd == FILTER_FD)) close(fd);
     }
     if (policy.seccomp) syscall(SYS_close_range, FILTER_FD + 1, ~0U, 0);
+    /* A keyring of its own: nothing of hitz's session keyring is reachable
+     * (and the seccomp profile then forbids keyctl altogether). */
+    step = "keyring";
+    if (syscall(SYS_keyctl, 1 /* KEYCTL_JOIN_SESSION_KEYRING */, NULL) < 0 && errno != ENOSYS)
+        die("join a new session keyring");
     limit_resources();
     drop_capabilities();
     restrict_filesystem();

@@ -81,6 +81,14 @@ class ReadOnlySubtree:
 
 
 @dataclass(frozen=True, slots=True)
+class Mask:
+    """Hide ``path`` (under /proc) if it exists: /dev/null over a file, an
+    empty read-only tmpfs over a folder."""
+
+    path: str
+
+
+@dataclass(frozen=True, slots=True)
 class RemountReadOnly:
     """Make the existing mount at ``path`` read-only (the tmpfs root, /dev)."""
 
@@ -98,6 +106,7 @@ Op = (
     | BindDevice
     | MountProc
     | ReadOnlySubtree
+    | Mask
     | RemountReadOnly
 )
 
@@ -105,7 +114,7 @@ _KINDS: dict[str, type[Op]] = {
     cls.__name__: cls
     for cls in (
         Tmpfs, MakeDir, MakeFile, WriteFile, Symlink, BindReadOnly, BindWritable,
-        BindDevice, MountProc, ReadOnlySubtree, RemountReadOnly,
+        BindDevice, MountProc, ReadOnlySubtree, Mask, RemountReadOnly,
     )
 }
 
@@ -152,5 +161,7 @@ def describe(op: Op) -> str:
             return f"proc       {path}"
         case ReadOnlySubtree(path):
             return f"ro subtree {path}"
+        case Mask(path):
+            return f"mask       {path}"
         case RemountReadOnly(path):
             return f"remount ro {path}"

@@ -18,6 +18,7 @@ from hitz.sandbox.namespace.ops import (
     BindWritable,
     MakeDir,
     MakeFile,
+    Mask,
     MountProc,
     Op,
     ReadOnlySubtree,
@@ -61,6 +62,16 @@ _ETC_FILES = {
 }
 
 _DEVICES = ("null", "zero", "full", "random", "urandom")
+
+# Host information /proc shows whatever the pid namespace: kernel symbols and
+# configuration, the key and timer lists, the kernel log, hardware. Hidden
+# as Docker and bubblewrap hide them (after /dev exists: /dev/null covers files).
+_PROC_MASKED = (
+    "/proc/kcore", "/proc/kallsyms", "/proc/config.gz", "/proc/keys", "/proc/key-users",
+    "/proc/timer_list", "/proc/sched_debug", "/proc/kmsg", "/proc/sysrq-trigger",
+    "/proc/latency_stats", "/proc/acpi", "/proc/scsi", "/proc/asound", "/proc/irq",
+    "/proc/bus", "/proc/fs", "/proc/driver",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +141,7 @@ def base_ops(host: HostLayout, network: Network) -> list[Op]:
     ops += _rootfs(host, network)
     ops += _dev()
     ops += [MakeDir("/proc"), MountProc("/proc"), ReadOnlySubtree("/proc/sys")]
+    ops += [Mask(path) for path in _PROC_MASKED]
     ops += [MakeDir("/tmp", 0o1777), Tmpfs("/tmp", TMP_SIZE, 0o1777)]
     return ops
 

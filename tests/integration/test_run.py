@@ -251,7 +251,7 @@ def test_json_summary_shape(project: Project) -> None:
     for entry in summary["tasks"]:
         assert set(entry) == {
             "name", "outcome", "status", "exit_code", "duration_s", "message", "logs",
-            "cached", "action_digest",
+            "cached", "action_digest", "enforced", "weakened",
         }
     first, second = summary["tasks"]
     assert (first["outcome"], first["exit_code"], first["message"]) == ("succeeded", 0, None)

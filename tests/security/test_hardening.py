@@ -248,3 +248,23 @@ def test_cgroup_limits_leave_no_cgroup_behind(project: Project) -> None:
     assert p.stdout == "ran\n"
     after = set(glob.glob("/sys/fs/cgroup/**/hitz/*-*-probe", recursive=True))
     assert after <= before, f"left behind: {sorted(after - before)}"
+
+
+def test_every_result_records_what_was_enforced(project: Project) -> None:
+    p = probe(project, "true", extra={"cache": False})
+    entry = p.result.task("probe")
+    enforced = entry["enforced"]
+    assert set(enforced) == {"sandbox", "seccomp", "landlock", "capabilities", "limits"}
+    assert enforced["seccomp"].startswith("default sha256:")
+    assert enforced["landlock"] == f"ABI {landlock_abi()}"
+    assert (enforced["capabilities"], enforced["limits"]) == ("none", "4=0,7=4096")
+    assert entry["weakened"] == []
+
+
+def test_a_weakened_policy_is_shown_in_every_report(project: Project) -> None:
+    p = probe(project, "true", extra={"cache": False, "network": "host",
+                                      "seccomp": "unconfined", "landlock": False})
+    entry = p.result.task("probe")
+    assert entry["weakened"] == ["network host", "seccomp unconfined", "landlock off"]
+    assert entry["enforced"]["seccomp"] == "unconfined"
+    assert "[weakened: network host, seccomp unconfined, landlock off]" in p.result.stderr

@@ -218,6 +218,8 @@ def test_json_summary_writes_one_document_at_the_end() -> None:
                 "logs": [],
                 "cached": False,
                 "action_digest": None,
+                "enforced": None,
+                "weakened": [],
             },
             {
                 "name": "link",
@@ -229,6 +231,8 @@ def test_json_summary_writes_one_document_at_the_end() -> None:
                 "logs": [".hitz/logs/link.stderr"],
                 "cached": False,
                 "action_digest": None,
+                "enforced": None,
+                "weakened": [],
             },
             {
                 "name": "test",
@@ -240,6 +244,8 @@ def test_json_summary_writes_one_document_at_the_end() -> None:
                 "logs": [],
                 "cached": False,
                 "action_digest": None,
+                "enforced": None,
+                "weakened": [],
             },
             {
                 "name": "docs",
@@ -251,6 +257,8 @@ def test_json_summary_writes_one_document_at_the_end() -> None:
                 "logs": [],
                 "cached": False,
                 "action_digest": None,
+                "enforced": None,
+                "weakened": [],
             },
         ],
     }

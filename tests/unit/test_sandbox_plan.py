@@ -19,6 +19,7 @@ from hitz.sandbox.namespace.ops import (
     BindWritable,
     MakeDir,
     MakeFile,
+    Mask,
     MountProc,
     Op,
     ReadOnlySubtree,
@@ -283,7 +284,7 @@ def test_ops_round_trip_through_encode_and_decode() -> None:
     ), HOST)
     assert {type(op) for op in ops} == {
         Tmpfs, MakeDir, MakeFile, WriteFile, Symlink, BindReadOnly, BindWritable, BindDevice,
-        MountProc, ReadOnlySubtree, RemountReadOnly,
+        MountProc, ReadOnlySubtree, RemountReadOnly, Mask,
     }
     assert decode(encode(ops)) == ops
     assert decode(json.loads(json.dumps(encode(ops)))) == ops
