@@ -97,8 +97,12 @@ def policy_of(task: TaskDef) -> Policy:
         task.pids_limit,
         task.cpu_limit,
     )
-    return Policy(Seccomp(task.seccomp), tuple(task.capabilities), limits,
-                  Landlock(task.landlock))
+    if task.seccomp.startswith("profile:"):
+        seccomp, profile = Seccomp.PROFILE, task.seccomp.removeprefix("profile:")
+    else:
+        seccomp, profile = Seccomp(task.seccomp), None
+    return Policy(seccomp, tuple(task.capabilities), limits, Landlock(task.landlock),
+                  profile)
 
 
 def build_key(

@@ -382,7 +382,9 @@ def _models() -> _Models:
         "seccomp": (
             str | Unset,
             Field(None, description='"default": deny what builds never need; "unconfined":'
-                  " no filter (an explicit opt-out).", json_schema_extra=_enum(SECCOMP)),
+                  " no filter (an explicit opt-out); or the path of a profile in Docker's"
+                  " seccomp JSON format.",
+                  json_schema_extra={"examples": ["default", "unconfined", "seccomp.json"]}),
         ),
         "capabilities": (
             list[str] | Unset,
@@ -552,7 +554,7 @@ _EXPECTED = {
     "backend": " or ".join(map(json.dumps, BACKENDS)),
     "rootfs": " or ".join(map(json.dumps, ROOTFS)),
     "network": " or ".join(map(json.dumps, NETWORKS)),
-    "seccomp": " or ".join(map(json.dumps, SECCOMP)),
+    "seccomp": '"default", "unconfined" or the path of a Docker seccomp profile',
     "capabilities": 'a list of capability names such as "CAP_CHOWN"',
     "limits": "a table",
     "open_files": "a whole number",
@@ -788,8 +790,7 @@ class _Builder:
             ),
             timeout_s=self.timeout(spec.get("timeout", DEFAULT_TIMEOUT), ("defaults",)),
             env=self.env(spec.get("env", {}), ("defaults",)),
-            seccomp=self.choice("seccomp", spec.get("seccomp", SECCOMP[0]), SECCOMP,
-                                ("defaults",)),
+            seccomp=self.seccomp(spec.get("seccomp", SECCOMP[0]), ("defaults",)),
             capabilities=self.capabilities(spec.get("capabilities", []), ("defaults",)),
             limits=self.limits(spec.get("limits", {}), ("defaults",), {}),
             landlock=self.landlock(spec["landlock"], ("defaults",))
@@ -808,6 +809,21 @@ class _Builder:
             (*at, "landlock"), f'"landlock" must be true, false or "best-effort", got '
             f"{_show(value)}", Reason.BAD_VALUE,
             hint='"best-effort" runs without Landlock on a kernel that has none',
+        )
+
+    def seccomp(self, value: str, at: KeyPath) -> str:
+        """A profile name, or "profile:" and the absolute path of a profile in
+        Docker's seccomp JSON format (relative paths: to the manifest's folder)."""
+        if value in SECCOMP and value != "profile":
+            return value
+        if value.endswith(".json"):
+            base = os.path.dirname(self.path)
+            return "profile:" + os.path.normpath(os.path.join(base, value))
+        guess = suggest(value, [s for s in SECCOMP if s != "profile"])
+        raise self.fail(
+            (*at, "seccomp"), f"unknown seccomp {_q(value)}", Reason.BAD_VALUE,
+            hint=f"did you mean {_q(guess)}?" if guess else '"seccomp" can be "default", '
+            '"unconfined" or the path of a profile in Docker\'s seccomp format (.json)',
         )
 
     def capabilities(self, names: list[str], at: KeyPath) -> tuple[str, ...]:
@@ -911,7 +927,7 @@ class _Builder:
             line=line,
             shell=isinstance(spec["run"], str),
             cache=spec.get("cache"),
-            seccomp=inherit("seccomp", SECCOMP, defaults.seccomp),
+            seccomp=self.seccomp(spec["seccomp"], at) if "seccomp" in spec else defaults.seccomp,
             capabilities=self.capabilities(spec["capabilities"], at)
             if "capabilities" in spec
             else defaults.capabilities,

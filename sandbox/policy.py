@@ -10,6 +10,9 @@ not import pydantic.
 from __future__ import annotations
 
 import enum
+import functools
+import hashlib
+import os
 from dataclasses import dataclass, field
 
 
@@ -22,6 +25,7 @@ class Landlock(enum.StrEnum):
 class Seccomp(enum.StrEnum):
     DEFAULT = "default"  # deny what a build never needs (see namespace/seccomp.py)
     UNCONFINED = "unconfined"  # an explicit opt-out, shown in every report
+    PROFILE = "profile"  # a profile in Docker's seccomp JSON format (Policy.seccomp_profile)
 
 
 # Capability names (capabilities(7)) by number, for `capabilities = [...]`.
@@ -77,6 +81,7 @@ class Policy:
     capabilities: tuple[str, ...] = ()  # kept; every other one is dropped
     limits: Limits = field(default_factory=Limits)
     landlock: Landlock = Landlock.REQUIRED
+    seccomp_profile: str | None = None  # the JSON file, with Seccomp.PROFILE
 
     def capability_mask(self) -> int:
         return sum(1 << CAPABILITIES.index(name) for name in self.capabilities)
@@ -91,5 +96,25 @@ class Policy:
             value = getattr(self.limits, name)
             if value is not None:
                 limits += f",{name}={value}"
-        return (f"seccomp={self.seccomp.value};caps={caps};rlimits={limits};"
+        seccomp = self.seccomp.value
+        if self.seccomp is Seccomp.PROFILE and self.seccomp_profile is not None:
+            seccomp = f"profile:{profile_digest(self.seccomp_profile)}"
+        return (f"seccomp={seccomp};caps={caps};rlimits={limits};"
                 f"landlock={self.landlock.value}")
+
+
+def profile_digest(path: str) -> str:
+    """The SHA-256 of a seccomp profile file (by content: the key must move
+    when the profile changes, not when it moves). "missing" if unreadable:
+    the task then fails at launch, saying why."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return "missing"
+    return _digest(path, st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+@functools.cache
+def _digest(path: str, size: int, mtime_ns: int, ino: int) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()

@@ -54,9 +54,9 @@ from hitz.sandbox.namespace.cgroups import TaskCgroups
 from hitz.sandbox.namespace.cgroups import create as create_cgroups
 from hitz.sandbox.namespace.ops import BindReadOnly, Op, flatten
 from hitz.sandbox.namespace.plan import HostLayout, base_ops, work_ops, writable_roots
-from hitz.sandbox.namespace.seccomp import compile_default
+from hitz.sandbox.namespace.seccomp import ProfileError, compile_default, compile_docker
 from hitz.sandbox.outputs import OutputRejected, collect
-from hitz.sandbox.policy import Landlock, Seccomp
+from hitz.sandbox.policy import Landlock, Seccomp, profile_digest
 from hitz.sandbox.probe import landlock_abi
 from hitz.sandbox.spec import Network, SandboxResult, SandboxSpec, Status, Usage
 
@@ -330,7 +330,10 @@ class NamespaceBackend:
         weakened = []
         if spec.network is Network.HOST:
             weakened.append("network host")
-        if policy.seccomp is Seccomp.UNCONFINED or self._bpf is None:
+        if policy.seccomp is Seccomp.PROFILE and policy.seccomp_profile:
+            seccomp = f"profile {policy.seccomp_profile} sha256:" + profile_digest(
+                policy.seccomp_profile)[:16]
+        elif policy.seccomp is Seccomp.UNCONFINED or self._bpf is None:
             seccomp = "unconfined"
             weakened.append("seccomp unconfined")
         else:
@@ -366,11 +369,28 @@ class NamespaceBackend:
         return create_cgroups(self._cgroup_layout, name, limits.memory, limits.pids,
                               limits.cpu)
 
+    def _profile_program(self, spec: SandboxSpec) -> bytes:
+        path = spec.policy.seccomp_profile or ""
+        try:
+            return compile_docker(path, profile_digest(path), spec.policy.capabilities)
+        except (OSError, ProfileError) as exc:
+            text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise SandboxError(
+                f"task `:{spec.task}`: seccomp profile `{path}`: {text}",
+                hint="seccomp takes a profile in Docker's seccomp JSON format",
+                reason=SandboxErrorReason.SETUP_FAILED,
+            ) from exc
+
     def _filter_for(self, spec: SandboxSpec) -> int | None:
         """A memfd holding the BPF program of ``spec``'s seccomp profile
         (compiled once per profile), or None for an unconfined task."""
         if spec.policy.seccomp is Seccomp.UNCONFINED:
             return None
+        if spec.policy.seccomp is Seccomp.PROFILE:
+            program = self._profile_program(spec)
+            fd = _high(os.memfd_create("hitz-seccomp", os.MFD_CLOEXEC))
+            os.write(fd, program)
+            return fd
         if self._bpf is None:
             try:
                 self._bpf = compile_default()

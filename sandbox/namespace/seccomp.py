@@ -87,9 +87,98 @@ def compile_default() -> bytes:
     # and no ALLOW rule under a default ALLOW, so a query (0xffffffff) is
     # refused too; builds do not ask.
     f.add_rule(deny, "personality", sc.Arg(0, sc.GT, _PER_LINUX))
+    return _export(f)
+
+
+# Docker's names for the architectures hitz runs on, as profiles write them.
+_DOCKER_ARCH = {"x86_64": ("amd64", "x86_64", "SCMP_ARCH_X86_64"),
+                "aarch64": ("arm64", "aarch64", "SCMP_ARCH_AARCH64")}
+
+
+class ProfileError(ValueError):
+    """A seccomp profile file that is not in Docker's format; says where."""
+
+
+@functools.cache
+def compile_docker(path: str, digest: str, capabilities: tuple[str, ...]) -> bytes:
+    """The BPF program of a profile in Docker's seccomp JSON format.
+
+    Understood: ``defaultAction`` (+ ``defaultErrnoRet``), and ``syscalls``
+    entries with ``names``, ``action`` (+ ``errnoRet``), ``args`` (``index``,
+    ``value``, ``valueTwo``, ``op``) and the ``includes``/``excludes``
+    conditions on ``caps`` and ``arches`` (judged against the task's kept
+    capabilities and this machine). ``digest`` keys the compiled program to
+    the file's content. Raises ProfileError (or OSError) naming the problem.
+    """
+    import json
+    import platform
+
+    import pyseccomp as sc
+
+    with open(path, "rb") as f:
+        try:
+            profile = json.loads(f.read())
+        except ValueError as exc:
+            raise ProfileError(f"not JSON: {exc}") from None
+    if not isinstance(profile, dict) or "defaultAction" not in profile:
+        raise ProfileError('not a Docker seccomp profile: no "defaultAction"')
+    arches = _DOCKER_ARCH.get(platform.machine(), ())
+
+    def action(name: str, errno_ret: object) -> object:
+        code = errno_ret if isinstance(errno_ret, int) else errno.EPERM
+        actions = {
+            "SCMP_ACT_ALLOW": sc.ALLOW, "SCMP_ACT_ERRNO": sc.ERRNO(code),
+            "SCMP_ACT_KILL": sc.KILL, "SCMP_ACT_KILL_THREAD": sc.KILL,
+            "SCMP_ACT_KILL_PROCESS": sc.KILL_PROCESS, "SCMP_ACT_TRAP": sc.TRAP,
+            "SCMP_ACT_LOG": sc.LOG, "SCMP_ACT_TRACE": sc.ERRNO(errno.ENOSYS),
+        }
+        if name not in actions:
+            raise ProfileError(f"unknown action {name!r}")
+        return actions[name]
+
+    ops = {"SCMP_CMP_NE": sc.NE, "SCMP_CMP_LT": sc.LT, "SCMP_CMP_LE": sc.LE,
+           "SCMP_CMP_EQ": sc.EQ, "SCMP_CMP_GE": sc.GE, "SCMP_CMP_GT": sc.GT,
+           "SCMP_CMP_MASKED_EQ": sc.MASKED_EQ}
+
+    def applies(rule: dict[str, object]) -> bool:
+        includes = rule.get("includes") or {}
+        excludes = rule.get("excludes") or {}
+        assert isinstance(includes, dict) and isinstance(excludes, dict)
+        if includes.get("caps") and not set(includes["caps"]) <= set(capabilities):
+            return False
+        if includes.get("arches") and not set(includes["arches"]) & set(arches):
+            return False
+        if excludes.get("caps") and set(excludes["caps"]) & set(capabilities):
+            return False
+        return not (excludes.get("arches") and set(excludes["arches"]) & set(arches))
+
+    default = profile["defaultAction"]
+    f = sc.SyscallFilter(defaction=action(default, profile.get("defaultErrnoRet")))
+    for index, rule in enumerate(profile.get("syscalls") or []):
+        if not isinstance(rule, dict) or not applies(rule):
+            continue
+        if rule.get("action") == default and not rule.get("errnoRet"):
+            continue  # libseccomp refuses a rule that does what the default does
+        act = action(str(rule.get("action")), rule.get("errnoRet"))
+        names = rule.get("names") or ([rule["name"]] if "name" in rule else [])
+        try:
+            args = [sc.Arg(a["index"], ops[a["op"]], a["value"], a.get("valueTwo", 0))
+                    if a["op"] == "SCMP_CMP_MASKED_EQ"
+                    else sc.Arg(a["index"], ops[a["op"]], a["value"])
+                    for a in rule.get("args") or []]
+        except (KeyError, TypeError) as exc:
+            raise ProfileError(f"syscalls[{index}]: bad args ({exc})") from None
+        for name in names:
+            # A name this architecture or libseccomp lacks cannot be called anyway.
+            with contextlib.suppress(OSError, ValueError, RuntimeError):
+                f.add_rule(act, name, *args)
+    return _export(f)
+
+
+def _export(f: object) -> bytes:
     read, write = os.pipe()
     try:
-        f.export_bpf(os.fdopen(write, "wb", closefd=False))
+        f.export_bpf(os.fdopen(write, "wb", closefd=False))  # type: ignore[attr-defined]
         os.close(write)
         write = -1
         chunks = []

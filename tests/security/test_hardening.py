@@ -268,3 +268,32 @@ def test_a_weakened_policy_is_shown_in_every_report(project: Project) -> None:
     assert entry["weakened"] == ["network host", "seccomp unconfined", "landlock off"]
     assert entry["enforced"]["seccomp"] == "unconfined"
     assert "[weakened: network host, seccomp unconfined, landlock off]" in p.result.stderr
+
+
+def test_a_docker_format_profile_is_enforced(project: Project) -> None:
+    import json
+
+    project.write("seccomp.json", json.dumps({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": ["SCMP_ARCH_X86_64"],
+        "syscalls": [
+            {"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 13},
+            {"names": ["chmod"], "action": "SCMP_ACT_ERRNO",
+             "includes": {"caps": ["CAP_SYS_ADMIN"]}},  # not kept: does not apply
+        ],
+    }))
+    p = probe(project, "if mkdir /tmp/x; then exit 77; fi\ntouch /tmp/f; chmod 600 /tmp/f "
+                       "&& echo chmod-ok", extra={"seccomp": "seccomp.json", "cache": False})
+    assert_ran(p)
+    assert "Permission denied" in p.stderr  # EACCES (13), the profile's errnoRet
+    assert p.stdout == "chmod-ok\n"
+    assert p.result.task("probe")["enforced"]["seccomp"].startswith("profile ")
+
+
+def test_a_broken_profile_fails_the_task_and_says_why(project: Project) -> None:
+    project.write("seccomp.json", "{not json")
+    p = probe(project, "true", extra={"seccomp": "seccomp.json", "cache": False})
+    entry = p.result.task("probe")
+    assert (entry["outcome"], entry["status"]) == ("failed", "setup-failed"), str(p)
+    assert entry["message"].startswith("task `:probe`: seccomp profile `")
+    assert "not JSON" in entry["message"]
