@@ -16,8 +16,10 @@ from typing import TYPE_CHECKING, NoReturn, TextIO
 from hitz.executor.errors import HitzError, Interrupted, UsageError
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from hitz.executor.events import RunObserver
-    from hitz.executor.model import Manifest
+    from hitz.executor.model import Manifest, TaskDef
     from hitz.sandbox.spec import SandboxBackend, SandboxResult, SandboxSpec
 
 VERSION = "0.1.0"
@@ -276,6 +278,7 @@ def _run(manifest: Manifest, args: argparse.Namespace) -> int:
                         None if args.no_cache else lambda: open_store(manifest, warn),
                         warn=warn, explain=explain if args.explain else None)
         runner.preflight([the_plan.tasks[name] for name in the_plan.order])
+        _check_policies(the_plan.tasks.values())
         backend = _OnFirstUse()
         try:
             summary = Scheduler(
@@ -458,3 +461,13 @@ def _doctor(as_json: bool) -> int:
             if not check.ok and check.hint:
                 print(f"{'':<{width + 10}}hint: {check.hint}")
     return 0 if all(check.ok for check in checks if check.required) else 1
+
+
+def _check_policies(tasks: Iterable[TaskDef]) -> None:
+    """Fail closed before anything runs: every task's policy must be
+    enforceable here (STYLE 10)."""
+    from hitz.executor.actions import policy_of
+    from hitz.sandbox.namespace import check_policy
+
+    for task in tasks:
+        check_policy(task.name, policy_of(task))

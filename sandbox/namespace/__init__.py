@@ -49,6 +49,7 @@ from typing import Any
 
 from hitz.sandbox.errors import SandboxError, SandboxErrorReason, SandboxUnavailable
 from hitz.sandbox.namespace.build import launcher_path
+from hitz.sandbox.namespace.cgroups import ROOT as CGROUP_ROOT
 from hitz.sandbox.namespace.cgroups import Layout as CgroupLayout
 from hitz.sandbox.namespace.cgroups import TaskCgroups
 from hitz.sandbox.namespace.cgroups import create as create_cgroups
@@ -56,7 +57,7 @@ from hitz.sandbox.namespace.ops import BindReadOnly, Op, flatten
 from hitz.sandbox.namespace.plan import HostLayout, base_ops, work_ops, writable_roots
 from hitz.sandbox.namespace.seccomp import ProfileError, compile_default, compile_docker
 from hitz.sandbox.outputs import OutputRejected, collect
-from hitz.sandbox.policy import Landlock, Seccomp, profile_digest
+from hitz.sandbox.policy import Landlock, Policy, Seccomp, profile_digest
 from hitz.sandbox.probe import landlock_abi
 from hitz.sandbox.spec import Network, SandboxResult, SandboxSpec, Status, Usage
 
@@ -549,6 +550,36 @@ class NamespaceBackend:
             return SandboxResult(status=Status.OUTPUT_MISSING, exit_code=0,
                                  message=str(exc), **base)
         return SandboxResult(status=Status.SUCCEEDED, exit_code=0, outputs=outputs, **base)
+
+
+def check_policy(task: str, policy: Policy) -> None:
+    """Refuse, before anything runs, a task whose policy this host cannot
+    enforce (fail closed; the hint names the manifest key that would allow
+    running with less)."""
+    if policy.landlock is Landlock.REQUIRED and landlock_abi() < 1:
+        raise SandboxUnavailable(
+            f"task `:{task}` needs Landlock; this kernel has none",
+            hint='set landlock = "best-effort" on the task (or in [defaults]) to run it '
+            "without; `hitz doctor` shows what the kernel offers",
+        )
+    limits = policy.limits
+    wants_cgroups = limits.memory is not None or limits.pids is not None or limits.cpu is not None
+    if wants_cgroups and os.geteuid() != 0 and not os.access(CGROUP_ROOT, os.W_OK):
+        raise SandboxUnavailable(
+            f"task `:{task}` asks for memory, pids or cpu limits, which need cgroups this "
+            "user cannot create",
+            hint="run hitz as root or in a delegated cgroup v2 subtree, or remove those "
+            "limits from the task",
+        )
+    if policy.seccomp is not Seccomp.UNCONFINED:
+        try:
+            import pyseccomp  # noqa: F401
+        except (ImportError, OSError) as exc:
+            raise SandboxUnavailable(
+                f"task `:{task}` needs a seccomp filter, and libseccomp cannot be loaded: {exc}",
+                hint='install libseccomp (`apt-get install libseccomp2`), or set '
+                'seccomp = "unconfined" on the task to run it without a filter',
+            ) from exc
 
 
 def _high(fd: int) -> int:

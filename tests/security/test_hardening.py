@@ -297,3 +297,20 @@ def test_a_broken_profile_fails_the_task_and_says_why(project: Project) -> None:
     assert (entry["outcome"], entry["status"]) == ("failed", "setup-failed"), str(p)
     assert entry["message"].startswith("task `:probe`: seccomp profile `")
     assert "not JSON" in entry["message"]
+
+
+def test_the_sandbox_init_cannot_be_inspected_or_overwritten(project: Project) -> None:
+    # pid 1 is hitz's launcher: its executable is a host file; its memory,
+    # environment and maps must not be reachable from the task (it is not
+    # dumpable after changing credentials, and the task holds no capability).
+    script = (
+        "for f in exe environ maps mem; do head -c 1 /proc/1/$f >/dev/null 2>&1 "
+        "&& { echo read-$f; exit 77; }; done\n"
+        "if echo x >> /proc/1/exe; then exit 77; fi\n"
+        "if echo x > /proc/1/mem; then exit 77; fi\n"
+        "echo sealed"
+    )
+    p = probe(project, script, extra={"cache": False})
+    assert_ran(p)
+    assert p.stdout == "sealed\n"
+    assert p.stderr.count("Permission denied") == 2, str(p)
