@@ -96,6 +96,7 @@ def policy_of(task: TaskDef) -> Policy:
         task.memory_limit,
         task.pids_limit,
         task.cpu_limit,
+        default.tmp if task.tmp_limit is None else task.tmp_limit,
     )
     if task.seccomp.startswith("profile:"):
         seccomp, profile = Seccomp.PROFILE, task.seccomp.removeprefix("profile:")

@@ -133,7 +133,7 @@ _TASK_FIELDS = (
     "name", "argv", "inputs", "outputs", "deps", "env", "backend", "rootfs", "network",
     "timeout_s", "description", "line", "shell", "cache", "seccomp", "capabilities",
     "open_files", "file_size", "cpu_time", "landlock", "output_limit", "memory_limit",
-    "pids_limit", "cpu_limit",
+    "pids_limit", "cpu_limit", "tmp_limit",
 )
 assert TaskDef.__match_args__ == _TASK_FIELDS, "rows of the cache are TaskDef's fields, in order"
 
@@ -377,6 +377,9 @@ def _models() -> _Models:
         cpu: float | int | Unset = Field(
             None, description="CPUs' worth of time the task may use, such as 1.5 (a cgroup)."
         )
+        tmp: str | Unset = Field(
+            None, description='Size of each of /tmp and /dev/shm (in memory); default "1GiB".'
+        )
 
     policy_fields: dict[str, Any] = {
         "seccomp": (
@@ -564,6 +567,7 @@ _EXPECTED = {
     "memory": 'a size such as "2GiB"',
     "pids": "a whole number",
     "cpu": "a number of CPUs such as 1.5",
+    "tmp": 'a size such as "256MiB"',
     "landlock": 'true, false or "best-effort"',
 }
 
@@ -855,6 +859,13 @@ class _Builder:
                 raise self.fail((*path, "file_size"), '"file_size" must be a size such as '
                                 f'"1GiB", got {_show(spec["file_size"])}',
                                 Reason.BAD_VALUE) from None
+        if "tmp" in spec:
+            try:
+                limits["tmp"] = parse_size(spec["tmp"])
+            except ValueError:
+                raise self.fail((*path, "tmp"), '"tmp" must be a size such as '
+                                f'"256MiB", got {_show(spec["tmp"])}',
+                                Reason.BAD_VALUE) from None
         if "memory" in spec:
             try:
                 limits["memory"] = parse_size(spec["memory"])
@@ -941,6 +952,7 @@ class _Builder:
             memory_limit=limits.get("memory"),
             pids_limit=limits.get("pids"),
             cpu_limit=limits.get("cpu"),
+            tmp_limit=limits.get("tmp"),
         )
 
     def command(self, run: str | list[str], path: KeyPath) -> tuple[str, ...]:

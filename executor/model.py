@@ -52,6 +52,7 @@ class TaskDef:
     memory_limit: int | None = None  # bytes for the whole task (cgroup); None = unlimited
     pids_limit: int | None = None  # processes at once (cgroup); None = unlimited
     cpu_limit: float | None = None  # CPUs' worth of time (cgroup); None = unlimited
+    tmp_limit: int | None = None  # bytes of /tmp and of /dev/shm; None = the default
 
 
 @dataclass(frozen=True)

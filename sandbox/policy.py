@@ -65,6 +65,7 @@ class Limits:
     memory: int | None = None  # bytes, for the whole task (cgroup); None = unlimited
     pids: int | None = None  # processes and threads at once (cgroup); None = unlimited
     cpu: float | None = None  # CPUs' worth of time (cgroup quota); None = unlimited
+    tmp: int = 1 << 30  # bytes of each of /tmp and /dev/shm (tmpfs, in memory)
 
     def rlimits(self) -> list[tuple[int, int]]:
         limits = [(RLIMIT_CORE, 0), (RLIMIT_NOFILE, self.open_files)]
@@ -92,6 +93,8 @@ class Policy:
         limits = ",".join(f"{resource}={value}" for resource, value in self.limits.rlimits())
         if self.limits.output != Limits().output:
             limits += f",output={self.limits.output}"
+        if self.limits.tmp != Limits().tmp:
+            limits += f",tmp={self.limits.tmp}"
         for name in ("memory", "pids", "cpu"):
             value = getattr(self.limits, name)
             if value is not None:

@@ -30,7 +30,6 @@ from hitz.sandbox.namespace.ops import (
 from hitz.sandbox.spec import Network, SandboxSpec
 
 HOSTNAME = "hitz"
-TMP_SIZE = 1 << 30  # /tmp and /dev/shm: 1 GiB each unless a policy says otherwise
 
 # Top-level host entries that make up rootfs = "host". On a merged-/usr system
 # /bin, /lib... are symlinks into /usr and are recreated as symlinks.
@@ -142,7 +141,7 @@ def base_ops(host: HostLayout, network: Network) -> list[Op]:
     ops += _dev()
     ops += [MakeDir("/proc"), MountProc("/proc"), ReadOnlySubtree("/proc/sys")]
     ops += [Mask(path) for path in _PROC_MASKED]
-    ops += [MakeDir("/tmp", 0o1777), Tmpfs("/tmp", TMP_SIZE, 0o1777)]
+    ops.append(MakeDir("/tmp", 0o1777))
     return ops
 
 
@@ -150,7 +149,11 @@ def work_ops(spec: SandboxSpec) -> list[Op]:
     """The task's own part: its project view, then the final read-only
     remount of the root (the writable places left are /tmp, /dev/shm and
     the outputs)."""
-    return [*_workdir(spec), RemountReadOnly("/")]
+    # /tmp and /dev/shm are the task's scratch space, in memory: their size
+    # is its policy's (limits.tmp), so a disk bomb fills only its own.
+    size = spec.policy.limits.tmp
+    scratch: list[Op] = [Tmpfs("/tmp", size, 0o1777), Tmpfs("/dev/shm", size, 0o1777)]
+    return [*scratch, *_workdir(spec), RemountReadOnly("/")]
 
 
 def _rootfs(host: HostLayout, network: Network) -> list[Op]:
@@ -183,7 +186,6 @@ def _dev() -> list[Op]:
         Symlink("/proc/self/fd/1", "/dev/stdout"),
         Symlink("/proc/self/fd/2", "/dev/stderr"),
         MakeDir("/dev/shm", 0o1777),
-        Tmpfs("/dev/shm", TMP_SIZE, 0o1777),
         # Read-only after the nodes are bound: a task cannot add device files.
         RemountReadOnly("/dev"),
     ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import platform
 import socket
+import subprocess
 import uuid
 
 import pytest
@@ -314,3 +315,31 @@ def test_the_sandbox_init_cannot_be_inspected_or_overwritten(project: Project) -
     assert_ran(p)
     assert p.stdout == "sealed\n"
     assert p.stderr.count("Permission denied") == 2, str(p)
+
+
+def test_a_disk_bomb_fills_only_its_own_scratch_space(project: Project) -> None:
+    # Bounded: /tmp is 4 MiB here; the task tries to write 16 MiB into it.
+    p = probe(project, "head -c 16777216 /dev/zero > /tmp/bomb; echo $?; du -k /tmp/bomb",
+              extra={"limits": {"tmp": "4MiB"}, "cache": False})
+    assert_ran(p)
+    assert "No space left on device" in p.stderr, str(p)
+    status, size = p.stdout.split()[0], int(p.stdout.split()[1])
+    assert status != "0" and size <= 4096, str(p)
+
+
+def test_the_task_has_a_keyring_of_its_own(project: Project) -> None:
+    # keyctl is denied by the default profile; with it unconfined, the
+    # session keyring the task sees is a fresh, empty one, not hitz's.
+    script = (
+        "perl -e '$r = syscall(250, 0, -3, 0, 0, 0); print(($r < 0 ? \"err\" : \"key\"), \"\\n\")'"
+    )  # KEYCTL_GET_KEYRING_ID of KEY_SPEC_SESSION_KEYRING
+    default = probe(project, script)
+    assert_ran(default)
+    assert default.stdout == "err\n"
+    own_id = int(subprocess.run(
+        ["perl", "-e", "print syscall(250, 0, -3, 0, 0, 0)"],
+        capture_output=True, text=True, check=True).stdout)
+    inside = probe(project, "perl -e 'print syscall(250, 0, -3, 0, 0, 0)'",
+                   extra={"seccomp": "unconfined", "cache": False})
+    assert_ran(inside)
+    assert int(inside.stdout) not in (own_id, -1), str(inside)

@@ -39,6 +39,7 @@ from hitz.sandbox.namespace.plan import (
     work_ops,
     writable_roots,
 )
+from hitz.sandbox.policy import Limits, Policy
 from hitz.sandbox.spec import InputMount, Network, SandboxSpec
 
 HOST = HostLayout(
@@ -66,6 +67,7 @@ def spec(
     outputs: tuple[str, ...] = (),
     inputs: tuple[InputMount, ...] = (),
     network: Network = Network.NONE,
+    policy: Policy | None = None,
 ) -> SandboxSpec:
     return SandboxSpec(
         task="task",
@@ -77,6 +79,7 @@ def spec(
         stdout_path="/p/.hitz/logs/task.stdout",
         stderr_path="/p/.hitz/logs/task.stderr",
         network=network,
+        policy=policy or Policy(),
     )
 
 
@@ -266,7 +269,16 @@ def test_dev_holds_only_harmless_devices_and_is_read_only_after_they_are_bound()
     ]
     sealed = index(ops, RemountReadOnly("/dev"))
     assert all(ops.index(op) < sealed for op in devices)
-    assert index(ops, Tmpfs("/dev/shm", size=1 << 30, mode=0o1777)) < sealed
+    # /dev/shm is the task's own scratch tmpfs, sized by its policy: mounted
+    # on the folder made before /dev was sealed.
+    assert index(ops, MakeDir("/dev/shm", 0o1777)) < sealed
+    assert index(ops, Tmpfs("/dev/shm", size=1 << 30, mode=0o1777)) > sealed
+
+
+def test_scratch_space_is_sized_by_the_policy() -> None:
+    ops = build_ops(spec(policy=Policy(limits=Limits(tmp=4 << 20))), HOST)
+    assert Tmpfs("/tmp", size=4 << 20, mode=0o1777) in ops
+    assert Tmpfs("/dev/shm", size=4 << 20, mode=0o1777) in ops
 
 
 def test_proc_sys_is_made_read_only_after_proc_is_mounted() -> None:
