@@ -384,10 +384,11 @@ def _models() -> _Models:
     policy_fields: dict[str, Any] = {
         "seccomp": (
             str | Unset,
-            Field(None, description='"default": deny what builds never need; "unconfined":'
-                  " no filter (an explicit opt-out); or the path of a profile in Docker's"
-                  " seccomp JSON format.",
-                  json_schema_extra={"examples": ["default", "unconfined", "seccomp.json"]}),
+            Field(None, description='"default": deny what builds never need; "strict": allow'
+                  ' only what builds use; "unconfined": no filter (an explicit opt-out); or'
+                  " the path of a profile in Docker's seccomp JSON format.",
+                  json_schema_extra={"examples": ["default", "strict", "unconfined",
+                                                  "seccomp.json"]}),
         ),
         "capabilities": (
             list[str] | Unset,
@@ -557,7 +558,7 @@ _EXPECTED = {
     "backend": " or ".join(map(json.dumps, BACKENDS)),
     "rootfs": " or ".join(map(json.dumps, ROOTFS)),
     "network": " or ".join(map(json.dumps, NETWORKS)),
-    "seccomp": '"default", "unconfined" or the path of a Docker seccomp profile',
+    "seccomp": '"default", "strict", "unconfined" or the path of a Docker seccomp profile',
     "capabilities": 'a list of capability names such as "CAP_CHOWN"',
     "limits": "a table",
     "open_files": "a whole number",
@@ -827,7 +828,8 @@ class _Builder:
         raise self.fail(
             (*at, "seccomp"), f"unknown seccomp {_q(value)}", Reason.BAD_VALUE,
             hint=f"did you mean {_q(guess)}?" if guess else '"seccomp" can be "default", '
-            '"unconfined" or the path of a profile in Docker\'s seccomp format (.json)',
+            '"strict", "unconfined" or the path of a profile in Docker\'s seccomp format '
+            "(.json)",
         )
 
     def capabilities(self, names: list[str], at: KeyPath) -> tuple[str, ...]:

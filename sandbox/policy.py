@@ -24,6 +24,7 @@ class Landlock(enum.StrEnum):
 
 class Seccomp(enum.StrEnum):
     DEFAULT = "default"  # deny what a build never needs (see namespace/seccomp.py)
+    STRICT = "strict"  # allow only what builds use (an allow-list)
     UNCONFINED = "unconfined"  # an explicit opt-out, shown in every report
     PROFILE = "profile"  # a profile in Docker's seccomp JSON format (Policy.seccomp_profile)
 

@@ -55,7 +55,12 @@ from hitz.sandbox.namespace.cgroups import TaskCgroups
 from hitz.sandbox.namespace.cgroups import create as create_cgroups
 from hitz.sandbox.namespace.ops import BindReadOnly, Op, flatten
 from hitz.sandbox.namespace.plan import HostLayout, base_ops, work_ops, writable_roots
-from hitz.sandbox.namespace.seccomp import ProfileError, compile_default, compile_docker
+from hitz.sandbox.namespace.seccomp import (
+    ProfileError,
+    compile_default,
+    compile_docker,
+    compile_strict,
+)
 from hitz.sandbox.outputs import OutputRejected, collect
 from hitz.sandbox.policy import Landlock, Policy, Seccomp, profile_digest
 from hitz.sandbox.probe import landlock_abi
@@ -334,6 +339,8 @@ class NamespaceBackend:
         if policy.seccomp is Seccomp.PROFILE and policy.seccomp_profile:
             seccomp = f"profile {policy.seccomp_profile} sha256:" + profile_digest(
                 policy.seccomp_profile)[:16]
+        elif policy.seccomp is Seccomp.STRICT:
+            seccomp = f"strict sha256:{hashlib.sha256(compile_strict()).hexdigest()[:16]}"
         elif policy.seccomp is Seccomp.UNCONFINED or self._bpf is None:
             seccomp = "unconfined"
             weakened.append("seccomp unconfined")
@@ -387,8 +394,9 @@ class NamespaceBackend:
         (compiled once per profile), or None for an unconfined task."""
         if spec.policy.seccomp is Seccomp.UNCONFINED:
             return None
-        if spec.policy.seccomp is Seccomp.PROFILE:
-            program = self._profile_program(spec)
+        if spec.policy.seccomp in (Seccomp.PROFILE, Seccomp.STRICT):
+            program = (self._profile_program(spec) if spec.policy.seccomp is Seccomp.PROFILE
+                       else compile_strict())
             fd = _high(os.memfd_create("hitz-seccomp", os.MFD_CLOEXEC))
             os.write(fd, program)
             return fd

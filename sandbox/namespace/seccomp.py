@@ -189,3 +189,87 @@ def _export(f: object) -> bytes:
         if write >= 0:
             os.close(write)
     return b"".join(chunks)
+
+
+# ``strict``: only these, everything else EPERM (ENOSYS for the newer
+# variants that C libraries probe and fall back from). What compilers,
+# linkers, shells, make, coreutils and language runtimes use; no sockets
+# but local ones, no namespaces, mounts, tracing, keyrings or kernel
+# interfaces. The `default` profile's argument rules (clone flags, ioctls,
+# personality) apply on top.
+_STRICT_ALLOWED = (
+    # files and folders
+    "read", "write", "readv", "writev", "pread64", "pwrite64", "preadv", "pwritev",
+    "preadv2", "pwritev2", "open", "openat", "openat2", "close", "close_range", "creat",
+    "stat", "fstat", "lstat", "newfstatat", "statx", "statfs", "fstatfs", "access",
+    "faccessat", "faccessat2", "lseek", "getdents", "getdents64", "mkdir", "mkdirat",
+    "rmdir", "unlink", "unlinkat", "rename", "renameat", "renameat2", "link", "linkat",
+    "symlink", "symlinkat", "readlink", "readlinkat", "chmod", "fchmod", "fchmodat",
+    "fchmodat2", "chown", "fchown", "lchown", "fchownat", "truncate", "ftruncate",
+    "fallocate", "fsync", "fdatasync", "sync", "syncfs", "sync_file_range", "utime",
+    "utimes", "utimensat", "futimesat", "chdir", "fchdir", "getcwd", "umask", "dup",
+    "dup2", "dup3", "fcntl", "flock", "pipe", "pipe2", "mknod", "mknodat", "copy_file_range",
+    "sendfile", "splice", "tee", "readahead", "fadvise64", "getxattr", "lgetxattr",
+    "fgetxattr", "listxattr", "llistxattr", "flistxattr", "setxattr", "lsetxattr",
+    "fsetxattr", "removexattr", "lremovexattr", "fremovexattr", "inotify_init",
+    "inotify_init1", "inotify_add_watch", "inotify_rm_watch", "memfd_create", "ioctl",
+    # memory
+    "brk", "mmap", "munmap", "mremap", "mprotect", "madvise", "msync", "mincore", "mlock",
+    "munlock", "membarrier", "shmget", "shmat", "shmdt", "shmctl",
+    # processes, threads, signals, time
+    "clone", "clone3", "fork", "vfork", "execve", "execveat", "exit", "exit_group",
+    "wait4", "waitid", "kill", "tkill", "tgkill", "getpid", "getppid", "gettid",
+    "getpgid", "setpgid", "getpgrp", "getsid", "setsid", "getuid", "geteuid", "getgid",
+    "getegid", "getresuid", "getresgid", "getgroups", "rt_sigaction", "rt_sigprocmask",
+    "rt_sigreturn", "rt_sigsuspend", "rt_sigpending", "rt_sigtimedwait",
+    "rt_sigqueueinfo", "sigaltstack", "pause", "nanosleep", "clock_nanosleep",
+    "clock_gettime", "clock_getres", "gettimeofday", "time", "times", "getrusage",
+    "getrlimit", "setrlimit", "prlimit64", "getpriority", "setpriority", "sched_yield",
+    "sched_getaffinity", "sched_setaffinity", "sched_getparam", "sched_getscheduler",
+    "set_tid_address", "set_robust_list", "get_robust_list", "futex", "futex_waitv",
+    "rseq", "arch_prctl", "prctl", "uname", "sysinfo", "getrandom", "getcpu",
+    "personality", "alarm", "setitimer", "getitimer", "timer_create", "timer_settime",
+    "timer_gettime", "timer_delete", "timer_getoverrun", "timerfd_create",
+    "timerfd_settime", "timerfd_gettime", "signalfd", "signalfd4", "eventfd", "eventfd2",
+    "pidfd_open", "pidfd_send_signal", "capget",
+    # waiting on descriptors
+    "select", "pselect6", "poll", "ppoll", "epoll_create", "epoll_create1", "epoll_ctl",
+    "epoll_wait", "epoll_pwait", "epoll_pwait2",
+    # local sockets (and the loopback a network = "none" task has)
+    "socket", "socketpair", "bind", "listen", "accept", "accept4", "connect",
+    "getsockname", "getpeername", "sendto", "recvfrom", "sendmsg", "recvmsg", "sendmmsg",
+    "recvmmsg", "shutdown", "setsockopt", "getsockopt",
+)
+
+
+_STRICT_IOCTLS = (
+    0x5401, 0x5402, 0x5403, 0x5404,  # TCGETS, TCSETS, TCSETSW, TCSETSF
+    0x540F, 0x5410, 0x5413, 0x5414,  # TIOCGPGRP, TIOCSPGRP, TIOCGWINSZ, TIOCSWINSZ
+    0x541B, 0x5421, 0x5450, 0x5451, 0x5452,  # FIONREAD, FIONBIO, FIONCLEX, FIOCLEX, FIOASYNC
+    0x40049409, 0x80086601,  # FICLONE (cp --reflink), FS_IOC_GETFLAGS
+)
+
+
+@functools.cache
+def compile_strict() -> bytes:
+    """The BPF program of the ``strict`` profile: an allow-list."""
+    import pyseccomp as sc
+
+    f = sc.SyscallFilter(defaction=sc.ERRNO(errno.EPERM))
+    clone_ns = 0
+    for flag in _CLONE_NEW:
+        clone_ns |= flag
+    for name in _STRICT_ALLOWED:
+        if name in ("clone", "clone3", "ioctl", "personality"):
+            continue  # with the argument rules below
+        with contextlib.suppress(OSError, ValueError, RuntimeError):
+            f.add_rule(sc.ALLOW, name)
+    # clone: threads and processes only (no namespace flag set).
+    f.add_rule(sc.ALLOW, "clone", sc.Arg(0, sc.MASKED_EQ, clone_ns, 0))
+    f.add_rule(sc.ERRNO(errno.ENOSYS), "clone3")
+    # ioctl: the requests tools make of terminals and files, nothing else
+    # (compared on the 32 bits the kernel reads).
+    for request in _STRICT_IOCTLS:
+        f.add_rule(sc.ALLOW, "ioctl", sc.Arg(1, sc.MASKED_EQ, 0xFFFFFFFF, request))
+    f.add_rule(sc.ALLOW, "personality", sc.Arg(0, sc.EQ, _PER_LINUX))
+    return _export(f)

@@ -343,3 +343,16 @@ def test_the_task_has_a_keyring_of_its_own(project: Project) -> None:
                    extra={"seccomp": "unconfined", "cache": False})
     assert_ran(inside)
     assert int(inside.stdout) not in (own_id, -1), str(inside)
+
+
+def test_the_strict_profile_runs_a_build_and_denies_the_rest(project: Project) -> None:
+    project.write("src/m.c", '#include <stdio.h>\nint main(void){puts("hi");return 0;}\n')
+    script = (
+        "cc -O2 -o /tmp/m src/m.c && /tmp/m && make --version >/dev/null && tar cf /tmp/x.tar src"
+        f"\ne=$({perl_call(101, '31, 0, 0, 0')})\necho $e\n[ \"$e\" = 1 ] || exit 77\n"
+        f"e=$({perl_call(321, '-1, 0, 0')})\necho $e\n[ \"$e\" = 1 ] || exit 77"
+    )
+    p = probe(project, script, inputs=("src/m.c",), extra={"seccomp": "strict", "cache": False})
+    assert_ran(p)
+    assert p.stdout == "hi\n1\n1\n", str(p)  # built and ran; ptrace and bpf: EPERM
+    assert p.result.task("probe")["enforced"]["seccomp"].startswith("strict sha256:")
