@@ -353,6 +353,7 @@ def _sandbox_explain(manifest: Manifest, task_name: str) -> int:
     task = the_plan.tasks[name]
     runner = Runner(manifest, state_dir_for(manifest))
     runner.preflight([task])
+    from hitz.executor.actions import policy_of
     from hitz.sandbox.spec import BASE_ENV, InputMount, Network, SandboxSpec
 
     mounts = [InputMount(str(manifest.root / rel), rel) for rel in runner.expanded[name]]
@@ -372,6 +373,7 @@ def _sandbox_explain(manifest: Manifest, task_name: str) -> int:
         stderr_path="<log>",
         network=Network(task.network),
         timeout=task.timeout_s,
+        policy=policy_of(task),
     )
     print(f"# sandbox of :{name}  (argv: {list(task.argv)})")
     for op in build_ops(spec, HostLayout.probe()):
