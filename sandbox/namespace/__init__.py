@@ -156,7 +156,6 @@ class NamespaceBackend:
         if self._launcher is None:
             self._launcher = launcher_path()
             self._devnull = _high(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
-        self._prepare_staging(spec)
         base, base_bytes = self._base_for(spec)
         ops = work_ops(spec)
         plan = _high(os.memfd_create("hitz-plan", os.MFD_CLOEXEC))
@@ -412,18 +411,6 @@ class NamespaceBackend:
         fd = _high(os.memfd_create("hitz-seccomp", os.MFD_CLOEXEC))
         os.write(fd, self._bpf)
         return fd
-
-    def _prepare_staging(self, spec: SandboxSpec) -> None:
-        """Create every writable folder the task's outputs need, owned by the
-        uid the task runs as."""
-        folders = {os.path.join(spec.staging_dir, root) for root in writable_roots(spec.outputs)}
-        for out in spec.outputs:
-            rel = out.rstrip("/") if out.endswith("/") else os.path.dirname(out)
-            folders.add(os.path.join(spec.staging_dir, rel))
-        for folder in sorted(folders):
-            os.makedirs(folder, exist_ok=True)
-            if self._host_root:
-                os.chown(folder, SANDBOX_HOST_ID, SANDBOX_HOST_ID)
 
     def _read_reports(self, launch: _Launch) -> None:
         try:

@@ -114,6 +114,9 @@ static struct {
     const char **writable; /* sandbox paths where the task may write */
 } landlock;
 
+static int host_root;      /* hitz runs as the host's root */
+static long outer_id;      /* the id the task's root maps to, in our user namespace */
+
 static char **plan;        /* the plan's NUL-separated fields */
 static size_t plan_len, plan_pos;
 static const char *step = "launcher";
@@ -276,6 +279,26 @@ static void apply_ops(void) {
             int fd = open(path, O_CREAT | O_WRONLY | O_TRUNC | O_CLOEXEC, mode);
             if (fd < 0 || write(fd, content, strlen(content)) < 0) die("write file");
             close(fd);
+        } else if (strcmp(kind, "MakeStagingDir") == 0) {
+            /* mkdir -p under the host root, each new folder owned by the
+             * task's uid so that it may write its outputs there. */
+            char path[8192];
+            snprintf(path, sizeof path, "%s", in(OLDROOT, next()));
+            for (char *slash = path + strlen(OLDROOT) + 1;; slash++) {
+                char c = *slash;
+                if (c != '/' && c != '\0') continue;
+                *slash = '\0';
+                if (mkdir(path, 0755) == 0) {
+                    if (host_root && chown(path, outer_id, outer_id) < 0) die("chown staging");
+                } else if (errno != EEXIST) {
+                    die("mkdir staging");
+                }
+                *slash = c;
+                if (c == '\0') break;
+            }
+            /* The folder itself even if it was there (the staging folder hitz
+             * made, for outputs at the project's top). */
+            if (host_root && chown(path, outer_id, outer_id) < 0) die("chown staging");
         } else if (strcmp(kind, "Symlink") == 0) {
             const char *target = next();
             if (symlink(target, in(NEWROOT, next())) < 0) die("symlink");
@@ -601,8 +624,8 @@ int main(int argc, char **argv) {
         write_file(path, "0");
     }
     step = "launcher";
-    int host_root = next_int();
-    long outer_id = next_int();
+    host_root = next_int();
+    outer_id = next_int();
     int network_none = strcmp(next(), "none") == 0;
     int hold = next_int();
     if (hold && fcntl(GO_FD, F_SETFD, FD_CLOEXEC) < 0) return 4;

@@ -48,6 +48,15 @@ class Symlink:
 
 
 @dataclass(frozen=True, slots=True)
+class MakeStagingDir:
+    """A folder of the task's staging area on the host (``source``), made
+    with its parents and owned by the uid the task runs as: where an output
+    will be written. Made by the launcher, off hitz's own thread."""
+
+    source: str
+
+
+@dataclass(frozen=True, slots=True)
 class BindReadOnly:
     source: str
     path: str
@@ -100,6 +109,7 @@ Op = (
     | MakeDir
     | MakeFile
     | WriteFile
+    | MakeStagingDir
     | Symlink
     | BindReadOnly
     | BindWritable
@@ -113,7 +123,8 @@ Op = (
 _KINDS: dict[str, type[Op]] = {
     cls.__name__: cls
     for cls in (
-        Tmpfs, MakeDir, MakeFile, WriteFile, Symlink, BindReadOnly, BindWritable,
+        Tmpfs, MakeDir, MakeFile, WriteFile, MakeStagingDir, Symlink, BindReadOnly,
+        BindWritable,
         BindDevice, MountProc, ReadOnlySubtree, Mask, RemountReadOnly,
     )
 }
@@ -151,6 +162,8 @@ def describe(op: Op) -> str:
             return f"write      {path} ({len(content)} bytes)"
         case Symlink(target, path):
             return f"symlink    {path} -> {target}"
+        case MakeStagingDir(source):
+            return f"staging    {source}"
         case BindReadOnly(source, path):
             return f"bind ro    {source} -> {path}"
         case BindWritable(source, path):

@@ -18,6 +18,7 @@ from hitz.sandbox.namespace.ops import (
     BindWritable,
     MakeDir,
     MakeFile,
+    MakeStagingDir,
     Mask,
     MountProc,
     Op,
@@ -213,6 +214,16 @@ def _workdir(spec: SandboxSpec) -> list[Op]:
     make_parents(work)
     ops.append(MakeDir(work))
     made.add(work)
+
+    # The staging folders an output is written into, made on the host by
+    # the launcher, before they are bound: every writable root, and each
+    # folder a declared output needs inside one.
+    staging = {posixpath.join(spec.staging_dir, root) if root else spec.staging_dir
+               for root in writable_roots(spec.outputs)}
+    for out in spec.outputs:
+        rel = out.rstrip("/") if out.endswith("/") else posixpath.dirname(out)
+        staging.add(posixpath.join(spec.staging_dir, rel) if rel else spec.staging_dir)
+    ops += [MakeStagingDir(folder) for folder in sorted(staging)]
 
     for root in writable_roots(spec.outputs):
         target = posixpath.join(work, root) if root else work

@@ -19,6 +19,7 @@ from hitz.sandbox.namespace.ops import (
     BindWritable,
     MakeDir,
     MakeFile,
+    MakeStagingDir,
     Mask,
     MountProc,
     Op,
@@ -296,7 +297,7 @@ def test_ops_round_trip_through_encode_and_decode() -> None:
     ), HOST)
     assert {type(op) for op in ops} == {
         Tmpfs, MakeDir, MakeFile, WriteFile, Symlink, BindReadOnly, BindWritable, BindDevice,
-        MountProc, ReadOnlySubtree, RemountReadOnly, Mask,
+        MountProc, ReadOnlySubtree, RemountReadOnly, Mask, MakeStagingDir,
     }
     assert decode(encode(ops)) == ops
     assert decode(json.loads(json.dumps(encode(ops)))) == ops
@@ -307,3 +308,11 @@ def test_every_op_describes_itself_in_one_line() -> None:
     for op in ops:
         text = describe(op)
         assert text and "\n" not in text, op
+
+
+def test_staging_folders_are_made_before_they_are_bound() -> None:
+    ops = build_ops(spec(outputs=("out/x", "out/gen/y.h", "top.txt")), HOST)
+    made = [op.source for op in ops if isinstance(op, MakeStagingDir)]
+    assert made == [STAGING, f"{STAGING}/out", f"{STAGING}/out/gen"]
+    first_bind = min(i for i, op in enumerate(ops) if isinstance(op, BindWritable))
+    assert all(ops.index(op) < first_bind for op in ops if isinstance(op, MakeStagingDir))
