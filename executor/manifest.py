@@ -855,26 +855,11 @@ class _Builder:
                                 f"{spec['open_files']}", Reason.BAD_VALUE)
             limits["open_files"] = spec["open_files"]
         if "file_size" in spec:
-            try:
-                limits["file_size"] = parse_size(spec["file_size"])
-            except ValueError:
-                raise self.fail((*path, "file_size"), '"file_size" must be a size such as '
-                                f'"1GiB", got {_show(spec["file_size"])}',
-                                Reason.BAD_VALUE) from None
+            limits["file_size"] = self.size(spec["file_size"], (*path, "file_size"), '"1GiB"')
         if "tmp" in spec:
-            try:
-                limits["tmp"] = parse_size(spec["tmp"])
-            except ValueError:
-                raise self.fail((*path, "tmp"), '"tmp" must be a size such as '
-                                f'"256MiB", got {_show(spec["tmp"])}',
-                                Reason.BAD_VALUE) from None
+            limits["tmp"] = self.size(spec["tmp"], (*path, "tmp"), '"256MiB"')
         if "memory" in spec:
-            try:
-                limits["memory"] = parse_size(spec["memory"])
-            except ValueError:
-                raise self.fail((*path, "memory"), '"memory" must be a size such as '
-                                f'"2GiB", got {_show(spec["memory"])}',
-                                Reason.BAD_VALUE) from None
+            limits["memory"] = self.size(spec["memory"], (*path, "memory"), '"2GiB"')
         for key in ("pids", "cpu"):
             if key in spec:
                 if spec[key] <= 0:
@@ -882,15 +867,18 @@ class _Builder:
                                     f"{spec[key]}", Reason.BAD_VALUE)
                 limits[key] = spec[key]
         if "output" in spec:
-            try:
-                limits["output"] = parse_size(spec["output"])
-            except ValueError:
-                raise self.fail((*path, "output"), '"output" must be a size such as '
-                                f'"64MiB", got {_show(spec["output"])}',
-                                Reason.BAD_VALUE) from None
+            limits["output"] = self.size(spec["output"], (*path, "output"), '"64MiB"')
         if "cpu_time" in spec:
             limits["cpu_time"] = max(1, round(self.timeout_at(spec["cpu_time"], path, "cpu_time")))
         return limits
+
+    def size(self, value: str, at: KeyPath, example: str) -> int:
+        """Bytes in a size such as "2GiB"; a ManifestError at ``at`` otherwise."""
+        try:
+            return parse_size(value)
+        except ValueError:
+            raise self.fail(at, f"{_q(str(at[-1]))} must be a size such as {example}, got "
+                            f"{_show(value)}", Reason.BAD_VALUE) from None
 
     def timeout_at(self, value: str, at: KeyPath, key: str) -> float:
         try:

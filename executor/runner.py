@@ -493,10 +493,9 @@ def cache_folder(manifest: Manifest) -> Path:
     $XDG_CACHE_HOME/hitz, else ~/.cache/hitz."""
     if manifest.cache_dir:
         return manifest.root / manifest.cache_dir
-    if os.environ.get("HITZ_CACHE_DIR"):
-        return Path(os.environ["HITZ_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "hitz"
+    from hitz.executor.store import default_folder
+
+    return default_folder()
 
 
 def open_store(manifest: Manifest, warn: Callable[[str], None] | None) -> Store | None:

@@ -35,7 +35,6 @@ import contextlib
 import errno
 import ipaddress
 import logging
-import os
 import signal
 import socket
 import sys
@@ -63,7 +62,7 @@ from hitz.executor.server_border import (
     zstd_decompress,
 )
 from hitz.executor.server_bytestream import UPLOADS_FOLDER, ByteStreamService, Uploads
-from hitz.executor.store import Digest, Store
+from hitz.executor.store import Digest, Store, default_folder
 from hitz.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from hitz.protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from hitz.protos.build.bazel.semver import semver_pb2
@@ -73,7 +72,6 @@ __all__ = [
     "DEFAULT_LISTEN",
     "MAX_BATCH_TOTAL_SIZE",
     "CacheServer",
-    "default_cache_folder",
     "parse_listen",
     "serve",
 ]
@@ -444,7 +442,7 @@ def serve(listen: str, cache_dir: str | None) -> int:
     from hitz.executor.runner import DEFAULT_CACHE_BYTES
 
     host, port = parse_listen(listen)
-    folder = Path(cache_dir) if cache_dir else default_cache_folder()
+    folder = Path(cache_dir) if cache_dir else default_folder()
     _log_to_stderr()
     with _StopSignals() as signals, contextlib.ExitStack() as cleanup:
         store = Store(folder, max_bytes=DEFAULT_CACHE_BYTES)
@@ -501,15 +499,6 @@ class _StopSignals:
     def wait(self) -> int:
         self._event.wait()
         return self._received[0]
-
-
-def default_cache_folder() -> Path:
-    """$HITZ_CACHE_DIR, else $XDG_CACHE_HOME/hitz, else ~/.cache/hitz: `hitz run`'s
-    choice (``runner.cache_folder``) without a manifest's ``[cache] dir``."""
-    if os.environ.get("HITZ_CACHE_DIR"):
-        return Path(os.environ["HITZ_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "hitz"
 
 
 def parse_listen(text: str) -> tuple[str, int]:

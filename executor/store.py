@@ -75,6 +75,7 @@ __all__ = [
     "GcResult",
     "Store",
     "StoreStats",
+    "default_folder",
 ]
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,15 @@ class Digest:
 
 
 EMPTY_DIGEST = Digest.of(b"")
+
+
+def default_folder() -> Path:
+    """The cache folder when a manifest names none: $HITZ_CACHE_DIR, else
+    $XDG_CACHE_HOME/hitz, else ~/.cache/hitz (`hitz run` and `hitz cache serve`)."""
+    if os.environ.get("HITZ_CACHE_DIR"):
+        return Path(os.environ["HITZ_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "hitz"
 
 
 @dataclass(frozen=True, slots=True)

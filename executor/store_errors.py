@@ -18,10 +18,11 @@ files that are stored or materialised (``OutputError``).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from types import TracebackType
 
 from hitz.executor.errors import (
     BlobCorrupt,
@@ -43,39 +44,32 @@ __all__ = [
 ]
 
 
-def cache_io(folder: Path) -> _CacheIO:
+@contextlib.contextmanager
+def cache_io(folder: Path) -> Iterator[None]:
     """``with cache_io(folder):`` turns an ``OSError`` into ``CacheUnavailable``.
 
     For operations on the cache folder ``folder`` (named in the message) and
     nothing else: the reason says whether it is full, unwritable or failing.
     """
-    return _CacheIO(folder)
+    try:
+        yield
+    except OSError as exc:
+        raise _unavailable(folder, exc) from exc
 
 
-def output_io(path: str | os.PathLike[str], verb: str) -> _OutputIO:
+@contextlib.contextmanager
+def output_io(path: str | os.PathLike[str], verb: str) -> Iterator[None]:
     """``with output_io(path, "read"):`` turns an ``OSError`` into ``OutputError``.
 
     For the caller's file ``path`` that is being stored or materialised.
     """
-    return _OutputIO(path, verb)
-
-
-class _CacheIO:
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if isinstance(exc, OSError):
-            raise _unavailable(self.folder, exc) from exc
+    try:
+        yield
+    except OSError as exc:
+        raise OutputError(
+            f"can't {verb} `{os.fspath(path)}`: {exc.strerror}",
+            detail=f"{exc.filename}: {exc.strerror}" if exc.filename else None,
+        ) from exc
 
 
 _FULL = {errno.ENOSPC, errno.EDQUOT}
@@ -103,25 +97,3 @@ def _unavailable(folder: Path, exc: OSError) -> CacheUnavailable:
         detail=detail,
         reason=CacheErrorReason.IO_ERROR,
     )
-
-
-class _OutputIO:
-
-    def __init__(self, path: str | os.PathLike[str], verb: str) -> None:
-        self.path = path
-        self.verb = verb
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if isinstance(exc, OSError):
-            raise OutputError(
-                f"can't {self.verb} `{os.fspath(self.path)}`: {exc.strerror}",
-                detail=f"{exc.filename}: {exc.strerror}" if exc.filename else None,
-            ) from exc
