@@ -46,8 +46,16 @@ if TYPE_CHECKING:
 
 __all__ = ["json_schema", "load", "parse_duration", "suggest"]
 
-BACKENDS = ("namespace",)
-ROOTFS = ("host",)
+BACKENDS = ("namespace", "docker", "remote")
+ROOTFS = ("host",)  # and "image:NAME" / "docker:NAME@sha256:HEX" (ROOTFS_PATTERN)
+# An image built by `hitz image build` from images/NAME.toml, or an image the
+# local Docker engine already has, named by its content digest.
+IMAGE_NAME_PATTERN = r"[a-z0-9][a-z0-9_.-]*"
+ROOTFS_PATTERN = (
+    rf"host|image:{IMAGE_NAME_PATTERN}"
+    r"|docker:[a-z0-9][a-z0-9._/:-]*@sha256:[0-9a-f]{64}"
+)
+_ROOTFS = re.compile(ROOTFS_PATTERN)
 NETWORKS = tuple(network.value for network in Network)
 SECCOMP = tuple(profile.value for profile in Seccomp)
 DEFAULT_TIMEOUT = "10m"
@@ -411,8 +419,10 @@ def _models() -> _Models:
         )
         rootfs: str = Field(
             "host",
-            description="Root filesystem of the sandbox.",
-            json_schema_extra=_enum(ROOTFS),
+            description='Root filesystem of the sandbox: "host" (the host\'s system folders,'
+            ' read-only), "image:NAME" (images/NAME.toml, pinned in hitz.lock) or'
+            ' "docker:NAME@sha256:DIGEST" (a local Docker image, docker backend only).',
+            json_schema_extra={"pattern": f"^(?:{ROOTFS_PATTERN})$"},
         )
         network: str = Field(
             "none",
@@ -468,7 +478,9 @@ def _models() -> _Models:
             json_schema_extra=_enum(BACKENDS),
         )
         rootfs: str | Unset = Field(
-            None, description="Default: [defaults] rootfs.", json_schema_extra=_enum(ROOTFS)
+            None,
+            description="Default: [defaults] rootfs.",
+            json_schema_extra={"pattern": f"^(?:{ROOTFS_PATTERN})$"},
         )
         cache: bool | Unset = Field(
             None,
@@ -789,7 +801,7 @@ class _Builder:
             backend=self.choice(
                 "backend", spec.get("backend", BACKENDS[0]), BACKENDS, ("defaults",)
             ),
-            rootfs=self.choice("rootfs", spec.get("rootfs", ROOTFS[0]), ROOTFS, ("defaults",)),
+            rootfs=self.rootfs(spec.get("rootfs", ROOTFS[0]), ("defaults",)),
             network=self.choice(
                 "network", spec.get("network", NETWORKS[0]), NETWORKS, ("defaults",)
             ),
@@ -911,6 +923,9 @@ class _Builder:
         def inherit(key: str, allowed: tuple[str, ...], default: str) -> str:
             return self.choice(key, spec[key], allowed, at) if key in spec else default
 
+        backend = inherit("backend", BACKENDS, defaults.backend)
+        rootfs = self.rootfs(spec["rootfs"], at) if "rootfs" in spec else defaults.rootfs
+        self.backend_fits(backend, rootfs, at, spec)
         return TaskDef(
             name=name,
             argv=argv,
@@ -918,8 +933,8 @@ class _Builder:
             outputs=outputs,
             deps=tuple(dict.fromkeys(deps)),
             env=dict(env),
-            backend=inherit("backend", BACKENDS, defaults.backend),
-            rootfs=inherit("rootfs", ROOTFS, defaults.rootfs),
+            backend=backend,
+            rootfs=rootfs,
             network=inherit("network", NETWORKS, defaults.network),
             timeout_s=self.timeout(spec["timeout"], at)
             if "timeout" in spec
@@ -1090,6 +1105,44 @@ class _Builder:
         guess = suggest(value, allowed)
         hint = f"did you mean {_q(guess)}?" if guess else f"{_q(field)} can be {_EXPECTED[field]}"
         raise self.fail((*at, field), f"unknown {field} {_q(value)}", Reason.BAD_VALUE, hint=hint)
+
+    def backend_fits(self, backend: str, rootfs: str, at: KeyPath, spec: dict[str, Any]) -> None:
+        """A Docker container needs an image; a bare Docker image runs only in Docker."""
+        key = "rootfs" if "rootfs" in spec else "backend" if "backend" in spec else None
+        where: KeyPath = (*at, key) if key else at
+        if backend == "docker" and rootfs == "host":
+            raise self.fail(
+                where,
+                'backend = "docker" needs an image, but rootfs is "host"',
+                Reason.BAD_VALUE,
+                hint='set rootfs = "image:NAME" (an image of images/, built with'
+                ' `hitz image build NAME`) or "docker:NAME@sha256:DIGEST"',
+            )
+        if rootfs.startswith("docker:") and backend != "docker":
+            raise self.fail(
+                where,
+                f'rootfs {_q(rootfs)} is a Docker image, but backend is'
+                f" {_q(backend)}",
+                Reason.BAD_VALUE,
+                hint='set backend = "docker", or use an image of images/ ("image:NAME"),'
+                " which every backend can run",
+            )
+
+    def rootfs(self, value: str, at: KeyPath) -> str:
+        if _ROOTFS.fullmatch(value):
+            return value
+        if value.startswith("docker:"):
+            hint = ('name a local image by its digest, such as "docker:debian@sha256:'
+                    '<64 hex digits>" (`docker images --digests` lists them); a tag alone can'
+                    " change under you")
+        elif value.startswith("image:"):
+            hint = ('an image name uses lowercase letters, digits, "_", "." and "-", and'
+                    " names a file images/NAME.toml")
+        else:
+            hint = ('"rootfs" can be "host", "image:NAME" (images/NAME.toml) or'
+                    ' "docker:NAME@sha256:DIGEST"')
+        raise self.fail((*at, "rootfs"), f"unknown rootfs {_q(value)}", Reason.BAD_VALUE,
+                        hint=hint)
 
     def timeout(self, value: str, at: KeyPath) -> float:
         seconds = self.durations.get(value)

@@ -207,6 +207,8 @@ class Runner:
             staging_dir=str(staging),
             stdout_path=str(self.logs / f"{task.name}.stdout"),
             stderr_path=str(self.logs / f"{task.name}.stderr"),
+            rootfs=task.rootfs,
+            backend=task.backend,
             network=Network(task.network),
             timeout=task.timeout_s,
             policy=policy_of(task),

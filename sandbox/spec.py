@@ -47,6 +47,24 @@ class InputMount:
 
 
 @dataclass(frozen=True, slots=True)
+class Image:
+    """A pinned root filesystem for a task (``rootfs = "image:NAME"`` or
+    ``"docker:NAME@sha256:..."``), resolved by the executor.
+
+    ``digest`` ("sha256:HEX") is the root filesystem's identity, the one the
+    cache key holds, so a task gets the same key in every backend. ``root`` is
+    the host path of the unpacked, read-only root for the namespace sandbox
+    (None when only Docker has it); ``docker_ref`` is what the Docker engine
+    runs (an image ID or NAME@sha256:..., None when it is not imported).
+    """
+
+    name: str
+    digest: str
+    root: str | None = None
+    docker_ref: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class SandboxSpec:
     """Everything a backend needs to run one task, fully resolved.
 
@@ -68,7 +86,9 @@ class SandboxSpec:
     stdout_path: str
     stderr_path: str
     cwd: str = WORKDIR
-    rootfs: str = "host"
+    rootfs: str = "host"  # as the manifest says: "host", "image:NAME", "docker:..."
+    image: Image | None = None  # the resolved image when rootfs is not "host"
+    backend: str = "namespace"  # the manifest's backend: "namespace", "docker", "remote"
     network: Network = Network.NONE
     timeout: float = 600.0  # wall-clock seconds
     kill_grace: float = 2.0  # seconds between SIGTERM and SIGKILL on timeout

@@ -711,18 +711,51 @@ CASES = [
         id="unknown-network",
     ),
     pytest.param(
-        '[defaults]\nbackend = "docker"\n[tasks.a]\nrun = "x"\n',
-        'hitz.toml:2: [defaults]: unknown backend "docker"',
-        '"backend" can be "namespace"',
+        '[defaults]\nbackend = "podman"\n[tasks.a]\nrun = "x"\n',
+        'hitz.toml:2: [defaults]: unknown backend "podman"',
+        '"backend" can be "namespace" or "docker" or "remote"',
         R.BAD_VALUE,
         id="unknown-backend",
     ),
     pytest.param(
         '[tasks.a]\nrun = "x"\nrootfs = "alpine"\n',
         'hitz.toml:3: task "a": unknown rootfs "alpine"',
-        '"rootfs" can be "host"',
+        '"rootfs" can be "host", "image:NAME" (images/NAME.toml) or "docker:NAME@sha256:DIGEST"',
         R.BAD_VALUE,
         id="unknown-rootfs",
+    ),
+    pytest.param(
+        '[tasks.a]\nrun = "x"\nrootfs = "docker:debian:12"\nbackend = "docker"\n',
+        'hitz.toml:3: task "a": unknown rootfs "docker:debian:12"',
+        'name a local image by its digest, such as "docker:debian@sha256:<64 hex digits>"'
+        " (`docker images --digests` lists them); a tag alone can change under you",
+        R.BAD_VALUE,
+        id="docker-rootfs-without-digest",
+    ),
+    pytest.param(
+        '[tasks.a]\nrun = "x"\nrootfs = "image:Big"\n',
+        'hitz.toml:3: task "a": unknown rootfs "image:Big"',
+        'an image name uses lowercase letters, digits, "_", "." and "-", and names a file'
+        " images/NAME.toml",
+        R.BAD_VALUE,
+        id="bad-image-name",
+    ),
+    pytest.param(
+        '[tasks.a]\nrun = "x"\nbackend = "docker"\n',
+        'hitz.toml:3: task "a": backend = "docker" needs an image, but rootfs is "host"',
+        'set rootfs = "image:NAME" (an image of images/, built with `hitz image build NAME`)'
+        ' or "docker:NAME@sha256:DIGEST"',
+        R.BAD_VALUE,
+        id="docker-needs-image",
+    ),
+    pytest.param(
+        '[tasks.a]\nrun = "x"\nrootfs = "docker:debian@sha256:' + "a" * 64 + '"\n',
+        'hitz.toml:3: task "a": rootfs "docker:debian@sha256:' + "a" * 64 + '" is a Docker'
+        ' image, but backend is "namespace"',
+        'set backend = "docker", or use an image of images/ ("image:NAME"), which every'
+        " backend can run",
+        R.BAD_VALUE,
+        id="docker-image-in-namespace",
     ),
     pytest.param(
         '[tasks.a]\nrun = "x"\nnetwork = 1\n',
