@@ -10,6 +10,11 @@ Never cached: a task that failed, timed out or was killed (only successes
 reach ``record``), a task with ``cache = false``, and a task with
 ``network = "host"`` unless it says ``cache = true``.
 
+With a remote cache (``[cache] remote``), a local miss asks the remote
+(``hitz.executor.remote_tier``): a remote hit lands in the local store and
+is restored like a local one; a recorded result is also uploaded, in the
+background (``flush`` waits for it at the end of the run).
+
 The store is optional at every step: when the cache folder cannot be used,
 hitz warns once and runs everything uncached; a blob that has gone missing
 behind an action-cache hit makes that lookup a miss (the run repairs it).
@@ -32,7 +37,7 @@ import os
 import shutil
 import stat
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -42,6 +47,7 @@ from hitz.executor.statcache import StatCache
 
 if TYPE_CHECKING:
     from hitz.executor.actions import ActionKey
+    from hitz.executor.remote_tier import RemoteTier
     from hitz.executor.store import CacheUnavailable, Digest, Store
     from hitz.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as pb
 
@@ -103,15 +109,22 @@ class Destinations:
 
 @dataclass(frozen=True)
 class Restored:
-    """Outputs restored from the cache: project path -> (digest, executable)."""
+    """Outputs restored from the cache: project path -> (digest, executable).
+    ``source`` says which tier held the result: "local", or "remote" when it
+    was fetched from the remote cache this run (reported as ``cached_from``)."""
 
     files: Mapping[str, tuple[Digest, bool]]
+    source: str = "local"
 
 
 class TaskCache:
     def __init__(self, store: Store | None, root: Path, state_dir: Path, stat: StatCache,
-                 warn: object = None, destinations: Destinations | None = None) -> None:
+                 warn: object = None, destinations: Destinations | None = None,
+                 remote: RemoteTier | None = None) -> None:
         self.store = store
+        # Asked after the store, fed after it (hitz.executor.remote_tier); only
+        # with a store, which is where its blobs land.
+        self.remote = remote
         self.root = root
         self.destinations = destinations or Destinations(root)
         self.stat = stat
@@ -152,6 +165,9 @@ class TaskCache:
         try:
             data = self.store.get_action_result(key.digest)
             if data is None:
+                remote = self._from_remote(task, key)
+                if remote is not None:
+                    return replace(self._restore(task, remote), source="remote")
                 self._miss(task, self.explain(task.name, key))
                 return None
             result = pb.ActionResult.FromString(data)
@@ -166,6 +182,18 @@ class TaskCache:
             self._disable(exc)
             self._miss(task, ["no cache available"])
             return None
+
+    def _from_remote(self, task: TaskDef, key: ActionKey) -> pb.ActionResult | None:
+        """The remote's result for ``key``, its blobs now in the store; None on a miss."""
+        if self.remote is None or self.store is None:
+            return None
+        return self.remote.fetch(task.name, key.digest, self.store)
+
+    def flush(self, *, drop: bool = False) -> None:
+        """Wait (boundedly) for the remote uploads of this run; close the remote.
+        ``drop``: the run was interrupted; cancel them instead of waiting."""
+        if self.remote is not None:
+            self.remote.flush(drop=drop)
 
     def explain(self, name: str, key: ActionKey) -> list[str]:
         """Why ``key`` differs from the last one recorded for ``name``."""
@@ -364,13 +392,16 @@ class TaskCache:
         if self.store is None or not cacheable(task):
             return None
         try:
-            return self._record(key, outputs)
+            files, result = self._record(key, outputs)
         except CacheUnavailable as exc:
             self._disable(exc)
             return None
+        if self.remote is not None:
+            self.remote.upload(task.name, key.digest, result, self.store, dict(key.blobs))
+        return files
 
     def _record(self, key: ActionKey, outputs: list[tuple[str, str]]
-                ) -> dict[str, tuple[Digest, bool]]:
+                ) -> tuple[dict[str, tuple[Digest, bool]], pb.ActionResult]:
         from hitz.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as pb
 
         assert self.store is not None
@@ -403,7 +434,7 @@ class TaskCache:
                 if not self.store.contains(digest):
                     self.store.put_bytes(blob)
         self.store.put_action_result(key.digest, result.SerializeToString(deterministic=True))
-        return files
+        return files, result
 
     def _tree(self, folder: str, rel: str) -> tuple[pb.Tree, dict[str, tuple[Digest, bool]]]:
         from hitz.executor.store import Digest

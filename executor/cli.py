@@ -16,16 +16,19 @@ from typing import TYPE_CHECKING, NoReturn, TextIO
 from hitz.executor.errors import HitzError, Interrupted, UsageError
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Callable, Iterable
 
     from hitz.executor.events import RunObserver
     from hitz.executor.model import Manifest, TaskDef
-    from hitz.sandbox.spec import SandboxBackend, SandboxResult, SandboxSpec
+    from hitz.executor.remote_tier import RemoteTier
+    from hitz.executor.runner import Runner
+    from hitz.sandbox.spec import SandboxBackend
 
 VERSION = "0.1.0"
 DEFAULT_CONFIG = "hitz.toml"
 COMMANDS = (
     "run", "validate", "plan", "graph", "schema", "sandbox", "explain", "cache", "doctor",
+    "image", "worker",
 )
 
 
@@ -85,6 +88,14 @@ def _parser() -> argparse.ArgumentParser:
                      help="say why each task that runs was not served from the cache")
     run.add_argument("--no-cache", action="store_true",
                      help="neither read nor write the cache in this run")
+    run.add_argument("--remote", metavar="URL",
+                     help="also use this REAPI remote cache, grpc://HOST:PORT or grpcs://HOST:PORT"
+                     " (over [cache] remote and $HITZ_REMOTE_CACHE)")
+    run.add_argument("--no-remote", action="store_true",
+                     help="use only the local cache in this run")
+    run.add_argument("--remote-executor", metavar="URL",
+                     help='run tasks with backend = "remote" on this REAPI execution server,'
+                     " grpc://HOST:PORT (over [remote] executor and $HITZ_REMOTE_EXECUTOR)")
 
     explain_cmd = with_config(sub.add_parser(
         "explain", help="say whether a task would come from the cache, and why not"))
@@ -116,8 +127,21 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("schema", help="print the manifest's JSON Schema")
 
+    worker = sub.add_parser(
+        "worker", help="run leases of a REAPI server (BuildGrid) in hitz's sandbox")
+    worker.add_argument("--server", required=True, metavar="URL",
+                        help="the server's Bots service, grpc://HOST:PORT or grpcs://HOST:PORT")
+    worker.add_argument("--instance", default="", metavar="NAME",
+                        help='the REAPI instance name (default: "")')
+    worker.add_argument("-j", "--jobs", type=int, default=1, metavar="N",
+                        help="leases to run at once (default: 1)")
+    worker.add_argument("--work-dir", metavar="DIR",
+                        help="where leases' input roots are written (default: a temp folder)")
+
     doctor = sub.add_parser("doctor", help="what this host can enforce")
     doctor.add_argument("--json", action="store_true", help="write the checks as JSON to stdout")
+
+    _image_parser(sub, with_config)
 
     sandbox = sub.add_parser("sandbox", help="inspect the sandbox of a task")
     sandbox_sub = sandbox.add_subparsers(
@@ -150,6 +174,62 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         )
         code = 70
     sys.exit(code)
+
+
+def _image_parser(sub: argparse._SubParsersAction[_Parser],
+                  with_config: Callable[[argparse.ArgumentParser], argparse.ArgumentParser],
+                  ) -> None:
+    """`hitz image build | ls | rm` (docs/images.md)."""
+    image = sub.add_parser("image", help="build, list and remove the images of images/",
+                           description="Build the root filesystems of images/NAME.toml from"
+                           " Debian packages, pinned by digest in hitz.lock next to the"
+                           " manifest.")
+    image_sub = image.add_subparsers(dest="image_command", metavar="SUBCOMMAND",
+                                     parser_class=_Parser, required=True)
+    build = with_config(image_sub.add_parser(
+        "build", help="build an image (from its pinned packages when hitz.lock has it)"))
+    build.add_argument("name", metavar="NAME", help="an image of images/ (images/NAME.toml)")
+    build.add_argument("--update", action="store_true",
+                       help="resolve the packages afresh and re-pin the image in hitz.lock")
+    ls = with_config(image_sub.add_parser("ls", help="the images, their pins and builds"))
+    ls.add_argument("--json", action="store_true", help="write the list as JSON to stdout")
+    rm = with_config(image_sub.add_parser(
+        "rm", help="remove an image's builds from the cache (its pin stays in hitz.lock)"))
+    rm.add_argument("name", metavar="NAME")
+
+
+def _image(manifest: Manifest, args: argparse.Namespace) -> int:
+    from hitz.executor.images import build_image, list_images, remove_image
+    from hitz.executor.runner import cache_folder
+
+    cache_root = cache_folder(manifest)
+    if args.image_command == "build":
+        def say(text: str) -> None:
+            sys.stderr.write(f"hitz: {text}\n")
+
+        built = build_image(args.name, manifest.root, cache_root, update=args.update,
+                            progress=say)
+        print(f"{built.name} {built.digest}")
+        return 0
+    if args.image_command == "rm":
+        for what in remove_image(args.name, manifest.root, cache_root):
+            print(f"removed {args.name} {what}")
+        return 0
+    rows = list_images(manifest.root, cache_root)
+    if args.json:
+        import json
+
+        print(json.dumps([row.as_json() for row in rows], indent=2))
+        return 0
+    print(f"{'NAME':<16} {'PINNED':<19} {'BUILT':<19} {'SIZE':>9}  PACKAGES")
+    for row in rows:
+        shown = ("(as pinned)" if row.built and row.built == row.pinned
+                 else (row.built or "-")[:19])
+        size = f"{row.size / 2**20:.1f}MiB" if row.size is not None else "-"
+        name = row.name if row.defined else f"{row.name} (no definition)"
+        print(f"{name:<16} {(row.pinned or '-')[:19]:<19} {shown:<19} {size:>9}"
+              f"  {row.packages if row.packages is not None else '-'}")
+    return 0
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
@@ -185,6 +265,8 @@ def _dispatch(argv: list[str]) -> int:
 
         print(json.dumps(json_schema(), indent=2))
         return 0
+    if args.command == "worker":
+        return _worker(args)
     if args.command == "cache" and args.cache_command == "serve":
         from hitz.executor.server import serve
 
@@ -196,6 +278,8 @@ def _dispatch(argv: list[str]) -> int:
         return _explain(manifest, args.task)
     if args.command == "cache":
         return _cache(manifest, args)
+    if args.command == "image":
+        return _image(manifest, args)
     if args.command == "validate":
         return _validate(manifest)
     if args.command == "plan":
@@ -208,6 +292,27 @@ def _dispatch(argv: list[str]) -> int:
         sys.stdout.write(out if out.endswith("\n") else out + "\n")
         return 0
     return _sandbox_explain(manifest, args.task)
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from hitz.executor.remote_config import parse_url
+    from hitz.executor.worker import run_worker
+
+    try:
+        parse_url(args.server)
+    except ValueError:
+        raise UsageError(f"--server: {args.server!r} is not a server address such as "
+                         '"grpc://127.0.0.1:50051" or "grpcs://build.example.com:443"',
+                         hint="for example `hitz worker --server grpc://127.0.0.1:50051`"
+                         ) from None
+    if args.jobs < 1:
+        raise UsageError(f"-j must be at least 1, got {args.jobs}", hint="for example `-j 2`")
+
+    def log(text: str) -> None:
+        sys.stderr.write(text + "\n")
+
+    return run_worker(args.server, args.instance, jobs=args.jobs, work_dir=args.work_dir,
+                      log=log)
 
 
 def _load(config: str) -> Manifest:
@@ -276,10 +381,22 @@ def _run(manifest: Manifest, args: argparse.Namespace) -> int:
         # task is not up to date: a no-op run needs neither.
         runner = Runner(manifest, state_dir,
                         None if args.no_cache else lambda: open_store(manifest, warn),
-                        warn=warn, explain=explain if args.explain else None)
+                        warn=warn, explain=explain if args.explain else None,
+                        remote=None if args.no_cache else _remote_tier(manifest, args, warn))
         runner.preflight([the_plan.tasks[name] for name in the_plan.order])
+        # Refuse what cannot run here (no Landlock, no Docker engine) before
+        # spending time on images.
         _check_policies(the_plan.tasks.values())
-        backend = _OnFirstUse()
+        runner.prepare_images([the_plan.tasks[name] for name in the_plan.order])
+        from hitz.executor.backends import Router
+
+        # Each backend is loaded when a task first needs it: a run whose
+        # tasks are all up to date imports none of them.
+        backend = Router()
+        remote = _remote_backend(manifest, args, list(the_plan.tasks.values()), runner)
+        if remote is not None:
+            backend.register("remote", remote)
+        interrupted = True  # until the scheduler returns: uploads are then dropped
         try:
             summary = Scheduler(
                 the_plan,
@@ -291,9 +408,10 @@ def _run(manifest: Manifest, args: argparse.Namespace) -> int:
                 keep_going=args.keep_going,
                 project=manifest.project,
             ).run()
+            interrupted = summary.interrupted
         finally:
             backend.close()
-            runner.cleanup()  # closes the store if it was opened
+            runner.cleanup(interrupted=interrupted)  # closes the store if it was opened
     history.record_run(summary)
     history.save()
     if summary.interrupted:
@@ -301,52 +419,70 @@ def _run(manifest: Manifest, args: argparse.Namespace) -> int:
     return 0 if summary.ok else 1
 
 
-class _OnFirstUse:
-    """The namespace backend, loaded and built when a task first needs a
-    sandbox: a run whose tasks are all up to date never imports it."""
+def _remote_tier(manifest: Manifest, args: argparse.Namespace,
+                 warn: Callable[[str], None]) -> RemoteTier | None:
+    """The remote cache of this run (docs/remote-cache.md), or None. Nothing
+    is imported or connected here: only when a task first misses locally."""
+    from dataclasses import replace
 
-    def __init__(self) -> None:
-        self._backend: SandboxBackend | None = None
+    from hitz.executor.remote_config import parse_url, resolve
 
-    def _get(self) -> SandboxBackend:
-        if self._backend is None:
-            from hitz.sandbox.namespace import NamespaceBackend
+    if args.remote:
+        try:
+            parse_url(args.remote)
+        except ValueError as exc:
+            raise UsageError(f"--remote: {exc}",
+                             hint="for example `hitz run --remote grpc://127.0.0.1:8980`"
+                             ) from None
+    settings = resolve(manifest.cache_remote, flag=args.remote, no_remote=args.no_remote)
+    if settings.url is None:
+        return None
+    if not args.remote:
+        try:
+            settings = replace(settings, url=parse_url(settings.url).url)
+        except ValueError as exc:  # $HITZ_REMOTE_CACHE (the manifest's was checked)
+            raise UsageError(f"$HITZ_REMOTE_CACHE: {exc}") from None
+    from hitz.executor.remote_tier import RemoteTier
 
-            self._backend = NamespaceBackend()
-        return self._backend
+    return RemoteTier(settings, manifest.root, warn)
 
-    def start(self, spec: SandboxSpec) -> None:
-        self._get().start(spec)
 
-    def prestart(self, spec: SandboxSpec) -> None:
-        self._get().prestart(spec)
+def _remote_backend(manifest: Manifest, args: argparse.Namespace, tasks: list[TaskDef],
+                    runner: Runner) -> Callable[[], SandboxBackend] | None:
+    """What builds the backend of tasks with backend = "remote"
+    (docs/remote-execution.md), or None when the run has none. Refuses, before
+    anything runs, a remote task with no executor set (exit status 2)."""
+    if not any(task.backend == "remote" for task in tasks):
+        return None
+    from hitz.executor.remote_config import parse_url
+    from hitz.executor.remote_exec import ENV_VAR, check_configured, settings_for
 
-    def release(self, task: str) -> None:
-        self._get().release(task)
+    settings = settings_for(manifest, args.remote_executor)
+    if settings is not None and settings.url != manifest.remote_executor:
+        where = "--remote-executor" if args.remote_executor else f"${ENV_VAR}"
+        try:
+            parse_url(settings.url)
+        except ValueError:
+            raise UsageError(f"{where}: {settings.url!r} is not an executor address such as "
+                             '"grpc://127.0.0.1:8980" or "grpcs://build.example.com:443"',
+                             hint="for example `hitz run --remote-executor "
+                             "grpc://127.0.0.1:8980`") from None
+    check_configured(manifest, tasks, settings)
+    assert settings is not None
 
-    def cancel(self, task: str) -> None:
-        self._get().cancel(task)
+    def build() -> SandboxBackend:
+        from hitz.executor.remote_exec import RemoteBackend
 
-    def wait(self, timeout: float | None = None) -> list[SandboxResult]:
-        return self._get().wait(timeout)
+        return RemoteBackend(settings, runner.keys.get)
 
-    def running(self) -> int:
-        return 0 if self._backend is None else self._backend.running()
-
-    def cancel_all(self) -> None:
-        if self._backend is not None:
-            self._backend.cancel_all()
-
-    def close(self) -> None:
-        if self._backend is not None:
-            self._backend.close()
+    return build
 
 
 def _sandbox_explain(manifest: Manifest, task_name: str) -> int:
     from hitz.executor import planner
     from hitz.executor.runner import Runner, state_dir_for
     from hitz.sandbox.namespace.ops import describe
-    from hitz.sandbox.namespace.plan import HostLayout, build_ops
+    from hitz.sandbox.namespace.plan import build_ops, layout_for
 
     the_plan = planner.plan(manifest, [task_name])
     name = task_name.lstrip(":")
@@ -374,9 +510,12 @@ def _sandbox_explain(manifest: Manifest, task_name: str) -> int:
         network=Network(task.network),
         timeout=task.timeout_s,
         policy=policy_of(task),
+        rootfs=task.rootfs,
+        # The namespace sandbox's view of the image (built if it is not yet).
+        image=None if task.rootfs == "host" else runner._image(task),
     )
     print(f"# sandbox of :{name}  (argv: {list(task.argv)})")
-    for op in build_ops(spec, HostLayout.probe()):
+    for op in build_ops(spec, layout_for(spec)):
         print(describe(op))
     return 0
 
@@ -467,9 +606,32 @@ def _doctor(as_json: bool) -> int:
 
 def _check_policies(tasks: Iterable[TaskDef]) -> None:
     """Fail closed before anything runs: every task's policy must be
-    enforceable here (STYLE 10)."""
+    enforceable here (STYLE 10); tasks of the docker backend need a
+    reachable engine that has their images (exit status 2 otherwise)."""
     from hitz.executor.actions import policy_of
-    from hitz.sandbox.namespace import check_policy
 
+    docker_tasks = []
     for task in tasks:
-        check_policy(task.name, policy_of(task))
+        if task.backend == "docker":
+            from hitz.sandbox.docker import check_policy as check_docker_policy
+
+            check_docker_policy(task.name, policy_of(task))
+            docker_tasks.append(task)
+        elif task.backend == "namespace":
+            from hitz.sandbox.namespace import check_policy
+
+            check_policy(task.name, policy_of(task))
+    if docker_tasks:
+        _check_docker(docker_tasks)
+
+
+def _check_docker(tasks: list[TaskDef]) -> None:
+    """The engine answers, and has every ``docker:`` image the tasks name
+    (``image:`` ones are built, and imported, by the image builder)."""
+    from hitz.sandbox.docker import check_engine
+
+    refs: dict[str, str] = {}
+    for task in tasks:
+        if task.rootfs.startswith("docker:"):
+            refs.setdefault(task.rootfs.removeprefix("docker:"), task.name)
+    check_engine(refs)

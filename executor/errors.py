@@ -14,6 +14,8 @@
     │   └── BlobMissing            a blob is not in the store
     │       └── BlobCorrupt        it was there but failed verification; removed
     ├── OutputError                a task's declared outputs could not be kept
+    ├── ImageError                 (images_def) an image can't be built, found or pinned
+    │                              (exit status 2; reasons in ImageErrorReason)
     └── Interrupted                Ctrl-C or SIGTERM (exit status 130)
 
 Each error carries a message for people, an optional ``detail`` and ``hint``,

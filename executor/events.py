@@ -41,6 +41,7 @@ class TaskResult:
     stderr_tail: str | None = None
     log_paths: Sequence[str] = ()
     cached: bool = False  # outputs restored from the cache; no sandbox started
+    cached_from: str | None = None  # with cached: "local" (up to date, local cache) or "remote"
     action_digest: str | None = None  # the task's cache key, "hash/size"
     enforced: Mapping[str, str] | None = None  # what the sandbox enforced (None: no sandbox)
     weakened: Sequence[str] = ()  # what of the default policy the task went without

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from hitz.executor.errors import ManifestError
 from hitz.executor.errors import ManifestErrorReason as Reason
 from hitz.executor.model import KeyPath, Manifest, TaskDef
+from hitz.executor.remote_config import RemoteCacheSettings, parse_url
 from hitz.executor.suggest import suggest
 from hitz.executor.toml_lines import Pos, SourceMap, scan
 from hitz.sandbox.policy import CAPABILITIES, Seccomp
@@ -190,6 +191,9 @@ def _cached(path: Path, key: str, absolute: Path, source: _Source) -> Manifest |
             lines=source.lines,
             cache_dir=data["cache"][0],
             cache_max_bytes=data["cache"][1],
+            cache_remote=RemoteCacheSettings.from_row(data["cache"][2]),
+            remote_executor=data["remote"][0],
+            remote_instance=data["remote"][1],
         )
     except (OSError, ValueError, KeyError, TypeError, IndexError):
         return None
@@ -199,7 +203,9 @@ def _store(path: Path, key: str, manifest: Manifest) -> None:
     rows = [[getattr(task, name) for name in _TASK_FIELDS] for task in manifest.tasks.values()]
     data = json.dumps({
         "key": key, "project": manifest.project, "tasks": rows,
-        "cache": [manifest.cache_dir, manifest.cache_max_bytes],
+        "cache": [manifest.cache_dir, manifest.cache_max_bytes,
+                  manifest.cache_remote.as_row()],
+        "remote": [manifest.remote_executor, manifest.remote_instance],
     })
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -504,6 +510,52 @@ def _models() -> _Models:
             description='Evict least recently used entries above this size, such as "10GiB".',
             json_schema_extra={"pattern": f"^{SIZE_PATTERN}$", "examples": ["500MiB", "10GiB"]},
         )
+        remote: str | Unset = Field(
+            None,
+            description='A REAPI v2 remote cache, such as "grpc://127.0.0.1:8980" or'
+            ' "grpcs://cache.example.com:443", asked after the local cache.'
+            " Overridden by `hitz run --remote`/`--no-remote` and $HITZ_REMOTE_CACHE.",
+            json_schema_extra={"pattern": "^grpcs?://.+:[0-9]+/?$"},
+        )
+        instance: str | Unset = Field(
+            None, description='The REAPI instance name on the remote cache. Default: "".')
+        upload: bool | Unset = Field(
+            None,
+            description="false: only read the remote cache, never write it. Default: true.",
+        )
+        token_env: str | Unset = Field(
+            None,
+            description="The environment variable holding the remote cache's bearer token"
+            " (never the token itself).",
+        )
+        token_file: str | Unset = Field(
+            None,
+            description="The file holding the remote cache's bearer token, relative to the"
+            " manifest folder (never the token itself).",
+        )
+        ca_file: str | Unset = Field(
+            None,
+            description="PEM root certificates for a grpcs:// remote cache, relative to the"
+            " manifest folder. Default: the system's.",
+        )
+        timeout: str | Unset = Field(
+            None,
+            description="The deadline of each call to the remote cache, a duration."
+            ' Overridden by $HITZ_REMOTE_TIMEOUT (seconds). Default: "10s".',
+            json_schema_extra=duration,
+        )
+
+    class RemoteSettings(BaseModel):
+        model_config = strict
+        executor: str | Unset = Field(
+            None,
+            description='A REAPI v2 execution server, "grpc://HOST:PORT" or "grpcs://HOST:PORT";'
+            " overridden by --remote-executor and $HITZ_REMOTE_EXECUTOR.",
+            json_schema_extra={"examples": ["grpc://127.0.0.1:8980"]},
+        )
+        instance: str | Unset = Field(
+            None, description='The REAPI instance name on that server; default "".'
+        )
 
     class Root(BaseModel):
         # "tasks" is required in the schema; load() says "no tasks defined" itself.
@@ -516,6 +568,9 @@ def _models() -> _Models:
         project: Project | Unset = Field(None, description="About the project.")
         defaults: Defaults | Unset = Field(None, description="What every task inherits.")
         cache: CacheSettings | Unset = Field(None, description="The local cache.")
+        remote: RemoteSettings | Unset = Field(
+            None, description='Where tasks with backend = "remote" run (docs/remote-execution.md).'
+        )
         tasks: dict[str, Task] = Field(
             default_factory=dict,
             description="The tasks, by name.",
@@ -582,6 +637,7 @@ _EXPECTED = {
     "cpu": "a number of CPUs such as 1.5",
     "tmp": 'a size such as "256MiB"',
     "landlock": 'true, false or "best-effort"',
+    "upload": "true or false",  # [cache] upload
 }
 
 
@@ -658,7 +714,7 @@ def _unknown_key(path: KeyPath, source: _Source) -> ManifestError:
         ("project",): models.project,
         ("defaults",): models.defaults,
     }
-    model = section.get(path[:-1], models.task)
+    model = section.get(path[:-1]) or _table_model(models.root, path[:-1]) or models.task
     known = list(model.model_fields)
     key = str(path[-1])
     guess = suggest(key, known)
@@ -666,6 +722,21 @@ def _unknown_key(path: KeyPath, source: _Source) -> ManifestError:
     return source.error(
         f"{_context(path)}unknown key {_q(key)}", Reason.UNKNOWN_KEY, path, key=True, hint=hint
     )
+
+
+def _table_model(root: type[BaseModel], path: KeyPath) -> type[BaseModel] | None:
+    """The model of a top-level table such as `[remote]`, from Root's fields."""
+    from typing import get_args
+
+    from pydantic import BaseModel
+
+    field = root.model_fields.get(str(path[0])) if len(path) == 1 else None
+    if field is None:
+        return None
+    for candidate in (field.annotation, *get_args(field.annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
 
 
 def _bad_value(path: KeyPath, value: Any, raw: Any, source: _Source) -> ManifestError:
@@ -768,6 +839,8 @@ class _Builder:
             name: self.task(name, spec, defaults, lines[name]) for name, spec in self.tasks.items()
         }
         cache_dir, cache_max = self.cache_settings(self.raw.get("cache", {}))
+        cache_remote = self.cache_remote_settings(self.raw.get("cache", {}))
+        remote_executor, remote_instance = self.remote_settings(self.raw.get("remote", {}))
         return Manifest(
             path=self.path,
             display_path=self.source.display,
@@ -778,7 +851,62 @@ class _Builder:
             lines=self.source.lines,
             cache_dir=cache_dir,
             cache_max_bytes=cache_max,
+            cache_remote=cache_remote,
+            remote_executor=remote_executor,
+            remote_instance=remote_instance,
         )
+
+    def remote_settings(self, spec: dict[str, Any]) -> tuple[str | None, str]:
+        """`[remote]`: the executor's URL (checked for its form only: whether
+        it answers is known when a remote task first needs it) and instance."""
+        executor = spec.get("executor")
+        try:
+            if executor is not None:
+                executor = parse_url(executor).url
+        except ValueError:
+            raise self.fail(
+                ("remote", "executor"),
+                f'"executor" must be an address such as "grpc://127.0.0.1:8980" or'
+                f' "grpcs://build.example.com:443", got {_show(executor)}',
+                Reason.BAD_VALUE,
+            ) from None
+        return executor, spec.get("instance", "")
+
+    def cache_remote_settings(self, spec: dict[str, Any]) -> RemoteCacheSettings:
+        """The `[cache]` keys about the remote cache (``hitz.executor.remote_config``).
+        The address is checked for its form only: whether it answers is known
+        when a task first asks it."""
+        url = spec.get("remote")
+        if url is not None:
+            try:
+                url = parse_url(url).url
+            except ValueError:
+                raise self.fail(
+                    ("cache", "remote"),
+                    f'"remote" must be an address such as "grpc://127.0.0.1:8980" or '
+                    f'"grpcs://cache.example.com:443", got {_show(url)}',
+                    Reason.BAD_VALUE,
+                ) from None
+        if "token_env" in spec and "token_file" in spec:
+            raise self.fail(("cache", "token_file"),
+                            'set "token_env" or "token_file", not both', Reason.BAD_VALUE)
+        token_env = spec.get("token_env")
+        if token_env is not None and not _ENV_NAME.fullmatch(token_env):
+            raise self.fail(
+                ("cache", "token_env"),
+                f'"token_env" must name an environment variable, got {_show(token_env)}',
+                Reason.BAD_VALUE,
+                hint="put the token in a variable (or in a file: `token_file`) and name it"
+                " here; the token itself never goes in hitz.toml",
+            )
+        for key in ("token_file", "ca_file"):
+            if key in spec and not spec[key].strip():
+                raise self.fail(("cache", key), f'"{key}" must be a path, got ""',
+                                Reason.BAD_VALUE)
+        timeout = self.timeout(spec["timeout"], ("cache",)) if "timeout" in spec else None
+        return RemoteCacheSettings(url, spec.get("instance", ""), spec.get("upload", True),
+                                   token_env, spec.get("token_file"), spec.get("ca_file"),
+                                   timeout)
 
     def cache_settings(self, spec: dict[str, Any]) -> tuple[str | None, int | None]:
         max_bytes = None
@@ -1126,6 +1254,17 @@ class _Builder:
                 Reason.BAD_VALUE,
                 hint='set backend = "docker", or use an image of images/ ("image:NAME"),'
                 " which every backend can run",
+            )
+        if backend == "remote" and rootfs != "host":
+            # A remote executor runs the command on its own root filesystem;
+            # hitz has no way to hand it an image (docs/remote-execution.md).
+            raise self.fail(
+                where,
+                f'backend = "remote" runs on the remote executor\'s own system, but rootfs'
+                f" is {_q(rootfs)}",
+                Reason.BAD_VALUE,
+                hint='leave rootfs = "host" (it means the remote\'s system), or run the task'
+                ' with backend = "namespace" or "docker"',
             )
 
     def rootfs(self, value: str, at: KeyPath) -> str:

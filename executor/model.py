@@ -11,6 +11,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hitz.executor.remote_config import RemoteCacheSettings
+
 # A key path into the manifest, e.g. ("tasks", "build", "inputs", 2).
 KeyPath = tuple[str | int, ...]
 
@@ -71,6 +73,10 @@ class Manifest:
     lines: Sequence[str] = ()
     cache_dir: str | None = None  # [cache] dir, as written (relative to root)
     cache_max_bytes: int | None = None  # [cache] max_size
+    # [cache] remote, instance, upload, token_env, token_file, ca_file, timeout
+    cache_remote: RemoteCacheSettings = field(default_factory=RemoteCacheSettings)
+    remote_executor: str | None = None  # [remote] executor, a grpc:// or grpcs:// URL
+    remote_instance: str = ""  # [remote] instance: the REAPI instance name
 
     def line_of(self, *key: str | int) -> int | None:
         """The line of the most specific known prefix of ``key``."""

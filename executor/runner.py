@@ -24,6 +24,7 @@ import fcntl
 import os
 import queue
 import shutil
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -47,6 +48,7 @@ from hitz.executor.statcache import StatCache
 from hitz.executor.uptodate import RECORD_FILE, InputTuple, UpToDate, fingerprint, record_header
 from hitz.sandbox.spec import (
     BASE_ENV,
+    Image,
     InputMount,
     Network,
     SandboxResult,
@@ -55,6 +57,7 @@ from hitz.sandbox.spec import (
 )
 
 if TYPE_CHECKING:
+    from hitz.executor.remote_tier import RemoteTier
     from hitz.executor.store import Digest, Store
 
 STDERR_TAIL_LINES = 20
@@ -82,6 +85,7 @@ class Runner:
         warn: Callable[[str], None] | None = None,
         explain: Callable[[str, list[str]], None] | None = None,
         now: Callable[[], int] = time.time_ns,
+        remote: RemoteTier | None = None,
     ) -> None:
         self.manifest = manifest
         self.root = manifest.root
@@ -99,6 +103,7 @@ class Runner:
         self._opened: Store | None = None  # opened here through ``store``: closed here
         self._cache: TaskCache | None = None
         self._warn = warn
+        self._remote = remote  # the remote cache tier, asked after the store
         self._uptodate: UpToDate | None = None
         self._now = now  # wall clock, ns: when outputs are old enough to be recorded
         self.explain = explain
@@ -108,6 +113,8 @@ class Runner:
         self.produced: dict[str, tuple[str, int, bool]] = {}
         self._fingerprints: dict[str, str] = {}  # of the key each task last got
         self._rootfs: str | None = None
+        self._images: dict[str, str] = {}  # rootfs "image:NAME"/"docker:..." -> its identity
+        self._resolved: dict[tuple[str, str], Image] = {}  # by (rootfs, backend)
         self._made_dirs = False
         self._project_dirs: set[Path] = set()  # folders known to exist in the project
         self._destinations = Destinations(self.root)
@@ -120,7 +127,7 @@ class Runner:
             if callable(store):
                 store = self._opened = store()
             self._cache = TaskCache(store, self.root, self.state_dir, self.stat, self._warn,
-                                    self._destinations)
+                                    self._destinations, self._remote)
         return self._cache
 
     # --- before anything runs ----------------------------------------------------
@@ -133,6 +140,20 @@ class Runner:
                 self._check_dir_inputs(task)
             else:
                 self.expanded[task.name] = []
+        for task in tasks:
+            if task.rootfs.startswith("image:"):
+                from hitz.executor.images_def import find_definition
+
+                find_definition(self.root, task.rootfs.removeprefix("image:"))
+
+    def prepare_images(self, tasks: list[TaskDef]) -> None:
+        """Find the digest of every image ``tasks`` run on, building (and
+        pinning) one that is not pinned yet, before any task starts: the
+        digest is part of each key that names it, and a bad image (a stale
+        pin, a missing package) stops the run with exit status 2."""
+        for task in tasks:
+            if task.rootfs != "host":
+                self._rootfs_of(task)
 
     def _check_dir_inputs(self, task: TaskDef) -> None:
         own = [o.rstrip("/") for o in task.outputs]
@@ -172,14 +193,14 @@ class Runner:
                 except OutputError:
                     pass  # the full path reports it
                 else:
-                    hit = record.check(task, fingerprint(task, files), self._root)
+                    hit = record.check(task, self._fingerprint(task, files), self._root)
                     if hit is not None:
                         action, digests = hit
                         if digests:
                             self.produced.update(digests)
                         return TaskResult(task.name, Outcome.SUCCEEDED, "cached", 0,
                                           time.monotonic() - started, cached=True,
-                                          action_digest=action)
+                                          cached_from="local", action_digest=action)
             record.forget(task.name)  # until it succeeds again
         key = self._key(task, self._input_files(task) if files is None else files)
         restored = self.cache.lookup(task, key)
@@ -188,7 +209,7 @@ class Runner:
             self._succeeded(task, key)
             return TaskResult(task.name, Outcome.SUCCEEDED, "cached", 0,
                               time.monotonic() - started, cached=True,
-                              action_digest=str(key.digest))
+                              cached_from=restored.source, action_digest=str(key.digest))
         if self.explain is not None:
             self.explain(task.name, self.cache.reasons.get(task.name, []))
         self.keys[task.name] = key
@@ -208,6 +229,9 @@ class Runner:
             stdout_path=str(self.logs / f"{task.name}.stdout"),
             stderr_path=str(self.logs / f"{task.name}.stderr"),
             rootfs=task.rootfs,
+            # A remote executor brings its own system (see _rootfs_of).
+            image=None if task.rootfs == "host" or task.backend == "remote"
+            else self._image(task),
             backend=task.backend,
             network=Network(task.network),
             timeout=task.timeout_s,
@@ -239,8 +263,8 @@ class Runner:
         inputs = [InputFile(path, Digest(sha256, size), executable)
                   for path, sha256, size, executable in files]
         env = {**BASE_ENV, **task.env}
-        properties = platform_properties(task, self._rootfs_identity())
-        self._fingerprints[task.name] = fingerprint(task, files)
+        properties = platform_properties(task, self._rootfs_of(task))
+        self._fingerprints[task.name] = self._fingerprint(task, files)
         return build_key(task, env, inputs, properties)
 
     def _input_files(self, task: TaskDef) -> list[InputTuple]:
@@ -296,6 +320,60 @@ class Runner:
         for folder, _, names in os.walk(self.root / rel):
             for name in names:
                 found.append(os.path.relpath(os.path.join(folder, name), self.root))
+        return found
+
+    def _rootfs_of(self, task: TaskDef) -> str:
+        """The ``hitz.rootfs`` of ``task``'s key. A remote executor runs the
+        task on its own system, which the instance name stands for
+        (docs/remote-execution.md): such a result never passes for a local one."""
+        if task.backend == "remote":
+            return f"remote:{self.manifest.remote_instance}"
+        if task.rootfs != "host":
+            return self._image_identity(task.rootfs)
+        return self._rootfs_identity()
+
+    def _fingerprint(self, task: TaskDef, files: list[InputTuple]) -> str:
+        """The up-to-date record's fingerprint of ``task``. The record's header
+        holds the host's rootfs identity; a task on an image adds the image's
+        digest, so re-pinning an image makes its tasks stale; a remote task adds
+        "remote:<instance>", so moving a task to or from a remote makes it stale."""
+        found = fingerprint(task, files)
+        if task.rootfs == "host" and task.backend != "remote":
+            return found
+        return f"{found}:{self._rootfs_of(task)}"
+
+    def _image_identity(self, rootfs: str) -> str:
+        """``hitz.rootfs`` of a task on an image: its digest, whatever the
+        backend ("image:sha256:HEX"; "docker:sha256:HEX" for a Docker image
+        named by digest), so the key is the same in every backend. An image
+        not yet pinned in hitz.lock is built and pinned here."""
+        identity = self._images.get(rootfs)
+        if identity is not None:
+            return identity
+        if rootfs.startswith("docker:"):
+            identity = "docker:" + rootfs.rpartition("@")[2]
+        else:
+            from hitz.executor.images import build_image, image_identity
+
+            name = rootfs.removeprefix("image:")
+            digest = image_identity(name, self.root)
+            if digest is None:
+                digest = build_image(name, self.root, cache_folder(self.manifest),
+                                     progress=_note).digest
+            identity = "image:" + digest
+        self._images[rootfs] = identity
+        return identity
+
+    def _image(self, task: TaskDef) -> Image:
+        """The image ``task`` runs on, built (once) and, for the docker
+        backend, imported into the engine."""
+        found = self._resolved.get((task.rootfs, task.backend))
+        if found is None:
+            from hitz.executor.images import resolve
+
+            found = resolve(task.rootfs, task.backend, project_root=self.root,
+                            cache_root=cache_folder(self.manifest), progress=_note)
+            self._resolved[(task.rootfs, task.backend)] = found
         return found
 
     def _rootfs_identity(self) -> str:
@@ -379,19 +457,30 @@ class Runner:
                 f'cannot write output "{declared}" into the project: {exc.strerror}'
             ) from exc
 
-    def cleanup(self) -> None:
+    def cleanup(self, *, interrupted: bool = False) -> None:
         """Remove every staging folder (returns when they are gone); keep the
         digests, keys and up-to-date record learnt for the next run; close
-        the store if it was opened here."""
+        the store if it was opened here. ``interrupted``: drop the remote
+        uploads still queued or in flight rather than wait for them."""
         self._trash.close()
         _remove(self.tmp)
         self.stat.save()
-        if self._cache is not None:
-            self._cache.save()
-        if self._uptodate is not None:
-            self._uptodate.save(self._root, self.manifest.tasks)
-        if self._opened is not None:
-            self._opened.close()
+        try:
+            if self._cache is not None:
+                self._cache.save()
+                # Remote uploads read the store: before it closes.
+                self._cache.flush(drop=interrupted)
+        finally:
+            if self._uptodate is not None:
+                self._uptodate.save(self._root, self.manifest.tasks)
+            if self._opened is not None:
+                self._opened.close()
+
+
+def _note(text: str) -> None:
+    """One progress line of an image build, on stderr like every progress."""
+    sys.stderr.write(f"hitz: {text}\n")
+    sys.stderr.flush()
 
 
 class _Sha256(NamedTuple):

@@ -61,7 +61,7 @@ from hitz.executor.server_border import (
     zstd_compress,
     zstd_decompress,
 )
-from hitz.executor.server_bytestream import UPLOADS_FOLDER, ByteStreamService, Uploads
+from hitz.executor.server_bytestream import ByteStreamService, Uploads
 from hitz.executor.store import Digest, Store, default_folder
 from hitz.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from hitz.protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
@@ -388,7 +388,7 @@ class CacheServer:
 
     def __init__(self, store: Store, *, workers: int = WORKERS) -> None:
         self.store = store
-        self.uploads = Uploads(store.folder / UPLOADS_FOLDER)
+        self.uploads = Uploads(store)
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reapi"),
             options=[

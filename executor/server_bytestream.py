@@ -18,10 +18,11 @@ compressed read. Every read is verified, a ranged one too: the whole blob is
 read and hashed, and the last piece of the range is sent only once it
 matched, so a client never receives a complete range of a corrupt blob.
 
-**Write** streams into a temp file, decoding zstd as it comes, hashing as it
-goes: a blob is never held in memory. On ``finish_write`` the bytes must hash
-to the digest in the name (else ``INVALID_ARGUMENT``, and the upload is
-dropped); then the file goes into the store. A Write of a blob the store
+**Write** streams into the store's temp file for the blob (``Store.blob_writer``),
+decoding zstd as it comes, hashing and encoding as it goes, in one pass: a
+blob is never held in memory, nor written twice. On ``finish_write`` the
+bytes must hash to the digest in the name (else ``INVALID_ARGUMENT``, and the
+upload is dropped); then the temp file is renamed into place. A Write of a blob the store
 already has ends at once, as REAPI allows, with ``committed_size`` = the
 blob's size (-1 for a compressed write).
 
@@ -29,22 +30,18 @@ blob's size (-1 for a compressed write).
 its stream ends or breaks without ``finish_write``. ``QueryWriteStatus``
 reports its ``committed_size`` (bytes received, compressed for a compressed
 write), and a Write whose first ``write_offset`` equals it carries on (0
-starts over). Partial uploads live in ``<cache folder>/server-uploads/`` as
-long as the server runs; one untouched for ``UPLOAD_IDLE_S`` is dropped, and
-a server starting up removes the files of servers that are gone.
+starts over). Partial uploads live in the store's ``tmp/`` as long as the
+server runs; one untouched for ``UPLOAD_IDLE_S`` is dropped, and a ``Store``
+opened on the folder removes the files of servers that are gone.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import os
 import re
 import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 
@@ -57,7 +54,7 @@ from hitz.executor.server_border import (
     zstd_stream_encoder,
     zstd_write,
 )
-from hitz.executor.store import Digest, Store
+from hitz.executor.store import BlobWriter, Digest, Store
 from hitz.executor.store_errors import cache_io
 from hitz.protos.google.bytestream import bytestream_pb2 as bs_pb2
 from hitz.protos.google.bytestream import bytestream_pb2_grpc as bs_grpc
@@ -72,7 +69,7 @@ __all__ = [
 ]
 
 READ_CHUNK = 1 << 20  # bytes per ReadResponse: well under gRPC's 4 MiB message limit
-UPLOADS_FOLDER = "server-uploads"  # inside the cache folder, beside the store's store-v1/
+UPLOADS_FOLDER = "server-uploads"  # where servers before Store.blob_writer kept uploads
 UPLOAD_IDLE_S = 3600.0  # a partial upload untouched this long is dropped
 SWEEP_EVERY_S = 60.0  # how often a new Write looks for idle uploads
 
@@ -165,23 +162,18 @@ def _bad_name(name: str, forms: str) -> RequestRejected:
 
 
 class _Sink:
-    """Where an upload's blob goes: hashed, counted, appended to its temp file."""
+    """Where an upload's blob bytes go: counted against the digest's size, then
+    into the store's writer (which hashes them)."""
 
-    def __init__(self, fd: int, limit: int) -> None:
-        self.fd = fd
+    def __init__(self, writer: BlobWriter, limit: int) -> None:
+        self.writer = writer
         self.limit = limit
-        self.size = 0
-        self.sha = hashlib.sha256()
 
     def write(self, data: bytes | memoryview) -> int:
-        if self.size + len(data) > self.limit:
+        if self.writer.size + len(data) > self.limit:
             raise RequestRejected(f"the upload holds more than the digest's {self.limit} bytes",
                                   reason=RequestReason.BAD_DATA)
-        self.sha.update(data)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self.fd, view):]
-        self.size += len(data)
+        self.writer.write(data)
         return len(data)
 
     def flush(self) -> None:
@@ -191,29 +183,32 @@ class _Sink:
 class Upload:
     """One resumable upload, named by its resource name.
 
-    Only one Write at a time uses it (``Uploads.begin`` sees to that), so its
-    own state needs no lock; ``committed`` is read by ``QueryWriteStatus`` as
-    a whole int.
+    The bytes go straight into the store's temp file for the blob (a
+    ``BlobWriter``: hashed and written once), which ``commit`` moves into
+    place. Only one Write at a time uses an upload (``Uploads.begin`` sees to
+    that), so its own state needs no lock; ``committed`` is read by
+    ``QueryWriteStatus`` as a whole int.
     """
 
-    def __init__(self, name: str, blob: BlobName, folder: str) -> None:
+    def __init__(self, name: str, blob: BlobName, store: Store) -> None:
         self.name = name
         self.blob = blob
-        self.fd, self.path = store_gc.new_temp(folder, 0o600)  # locked while it lives
         self.committed = 0  # bytes received, as sent: compressed for a compressed write
-        self.complete = False  # received whole and stored; the file is gone
+        self.complete = False  # received whole and stored; the temp file is gone
         self.busy = False  # a Write is using it now
         self.used = time.monotonic()
+        self._store = store
         self._start()
 
     def _start(self) -> None:
         self.committed = 0
-        self._sink = _Sink(self.fd, self.blob.digest.size)
+        self._writer = self._store.blob_writer()
+        self._sink = _Sink(self._writer, self.blob.digest.size)
         self._decoder = zstd_stream_decoder(self._sink) if self.blob.compressed else None
 
     def append(self, data: bytes) -> None:
         """Add ``data``, the next bytes as sent. ``RequestRejected`` if they are too
-        many or not zstd; ``OSError`` from the file."""
+        many or not zstd; ``CacheUnavailable`` from the store."""
         if self._decoder is None:
             self._sink.write(data)
         else:
@@ -222,37 +217,37 @@ class Upload:
 
     def restart(self) -> None:
         """Forget what was received, for a Write that starts over at offset 0."""
-        os.ftruncate(self.fd, 0)
-        os.lseek(self.fd, 0, os.SEEK_SET)
+        self._writer.discard()
         self._start()
 
     def received(self) -> Digest:
         """The digest of the blob bytes received so far."""
-        return Digest(self._sink.sha.hexdigest(), self._sink.size)
+        return self._writer.digest()
+
+    def commit(self) -> Digest:
+        """Store the blob received; return its digest (check ``received`` first)."""
+        return self._writer.commit()
 
     def close(self) -> None:
-        """Remove the temp file (idempotent). A complete upload keeps its record."""
-        if self.fd < 0:
-            return
-        os.close(self.fd)
-        self.fd = -1
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        """Drop the temp file (idempotent). A complete upload keeps its record."""
+        self._writer.discard()
 
 
 class Uploads:
     """The uploads of this server, partial or recently complete, by resource name.
 
-    Their temp files are in ``folder``, each locked by ``store_gc.new_temp``
-    for as long as this server holds it: the files of a server that died are
-    swept by the next one (``store_gc.sweep_temps``).
+    Their temp files are the store's (``Store.blob_writer``), each locked for
+    as long as this server holds it: the files of a server that died are
+    swept by the next ``Store`` on the folder.
     """
 
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        with cache_io(folder):
-            os.makedirs(folder, exist_ok=True)
-            store_gc.sweep_temps(str(folder))
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        # Servers before BlobWriter kept partial uploads in a folder of their own.
+        old = store.folder / UPLOADS_FOLDER
+        if old.is_dir():
+            with cache_io(store.folder):
+                store_gc.sweep_temps(str(old))
         self._lock = threading.Lock()  # guards the dict and every Upload's busy/used
         self._by_name: dict[str, Upload] = {}
         self._swept = time.monotonic()
@@ -271,8 +266,7 @@ class Uploads:
                 raise RequestRejected(f"another Write of `{name}` is in progress",
                                       reason=RequestReason.BUSY)
             if upload is None or upload.complete:
-                with cache_io(self.folder):
-                    upload = Upload(name, blob, str(self.folder))
+                upload = Upload(name, blob, self.store)
                 self._by_name[name] = upload
             upload.busy = True
             upload.used = now
@@ -284,9 +278,8 @@ class Uploads:
             upload.used = time.monotonic()
 
     def finish(self, upload: Upload) -> None:
-        """Mark ``upload`` complete: its file goes, its record stays for QueryWriteStatus."""
-        with cache_io(self.folder):
-            upload.close()
+        """Mark ``upload`` complete: its file is gone, its record stays for QueryWriteStatus."""
+        upload.close()
         upload.complete = True
 
     def drop(self, upload: Upload) -> None:
@@ -294,8 +287,7 @@ class Uploads:
         with self._lock:
             if self._by_name.get(upload.name) is upload:
                 del self._by_name[upload.name]
-        with cache_io(self.folder):
-            upload.close()
+        upload.close()
 
     def find(self, name: str) -> Upload | None:
         with self._lock:
@@ -305,17 +297,15 @@ class Uploads:
         """Remove every temp file; for when the server stops."""
         with self._lock:
             uploads, self._by_name = list(self._by_name.values()), {}
-        with cache_io(self.folder):
-            for upload in uploads:
-                upload.close()
+        for upload in uploads:
+            upload.close()
 
     def _sweep_locked(self, now: float) -> None:
         self._swept = now
         for name, upload in list(self._by_name.items()):
             if not upload.busy and now - upload.used > UPLOAD_IDLE_S:
                 del self._by_name[name]
-                with cache_io(self.folder):
-                    upload.close()
+                upload.close()
 
 
 # --- the service ----------------------------------------------------------------------
@@ -378,8 +368,7 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
         upload = self._uploads.begin(name, blob)
         try:
             if first.write_offset == 0 and upload.committed:
-                with cache_io(self._uploads.folder):
-                    upload.restart()
+                upload.restart()
             request: bs_pb2.WriteRequest | None = first
             while request is not None:
                 if request.resource_name and request.resource_name != name:
@@ -408,8 +397,7 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
 
     def _append(self, upload: Upload, data: bytes) -> None:
         try:
-            with cache_io(self._uploads.folder):
-                upload.append(data)
+            upload.append(data)
         except BaseException:
             # Bytes that are wrong, or half written: nothing to resume from.
             self._uploads.drop(upload)
@@ -422,9 +410,7 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
             raise RequestRejected(
                 f"the bytes written are {received}, not {upload.blob.digest} "
                 f"as `{upload.name}` says", reason=RequestReason.BAD_DATA)
-        stored = self._store.put_file(upload.path)
-        if stored != received:  # only if the temp file changed under us
-            raise RuntimeError(f"upload {upload.path} changed: stored {stored}, got {received}")
+        upload.commit()
         self._uploads.finish(upload)
         return bs_pb2.WriteResponse(committed_size=upload.committed)
 

@@ -67,6 +67,7 @@ __all__ = [
     "EMPTY_DIGEST",
     "BlobCorrupt",
     "BlobMissing",
+    "BlobWriter",
     "CacheError",
     "CacheErrorReason",
     "CacheUnavailable",
@@ -323,6 +324,13 @@ class Store:
             finally:
                 os.close(fd)
         return digest
+
+    def blob_writer(self) -> BlobWriter:
+        """A ``BlobWriter``: a blob that arrives in pieces, stored in one pass.
+
+        Raises ``CacheUnavailable`` if no temp file can be made.
+        """
+        return BlobWriter(self)
 
     # --- CAS: reads -------------------------------------------------------------------
 
@@ -671,6 +679,92 @@ class Store:
 
     def _cache_io(self) -> AbstractContextManager[None]:
         return cache_io(self.folder)
+
+
+class BlobWriter:
+    """A blob that arrives in pieces (a ByteStream upload), written into the store as it comes.
+
+    ``write`` hashes each piece and appends it, encoded as ``put_file`` would
+    (raw or zstd, chosen from the first ``store_codec.CHUNK_SIZE`` bytes), to a
+    locked temp file in the store's ``tmp/``; ``commit`` renames it into place
+    under the digest of what was written. So an upload is hashed and written
+    once, not received into a file and then stored by ``put_file``. A writer
+    neither committed nor discarded keeps its temp file (and its lock) until
+    the process ends; the next ``Store`` on the folder then sweeps it.
+
+    One thread at a time. Every method raises ``CacheUnavailable`` on I/O errors.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        with store._cache_io():
+            self._fd, self._temp = store_gc.new_temp(store._tmp)
+        self._sha = hashlib.sha256()
+        self.size = 0  # blob bytes written so far
+        self._head: bytearray | None = bytearray()  # first bytes, until the encoding is chosen
+        self._encoder: store_codec.StreamEncoder | None = None
+
+    def write(self, data: bytes | memoryview) -> None:
+        """Append ``data``, the next bytes of the blob."""
+        self._sha.update(data)
+        self.size += len(data)
+        if self._head is not None:
+            self._head += data
+            if len(self._head) >= store_codec.CHUNK_SIZE:
+                self._start()
+            return
+        assert self._encoder is not None
+        with self._store._cache_io():
+            _write_all(self._fd, self._encoder.encode(memoryview(data)))
+
+    def digest(self) -> Digest:
+        """The digest of the bytes written so far."""
+        return Digest(self._sha.hexdigest(), self.size)
+
+    def commit(self) -> Digest:
+        """Store what was written as the blob it is; return its digest. The temp
+        file is gone afterwards (renamed into place, or dropped if the store had
+        the blob already)."""
+        if self._head is not None:
+            self._start()
+        assert self._encoder is not None
+        digest = self.digest()
+        store = self._store
+        with store._cache_io():
+            try:
+                _write_all(self._fd, self._encoder.finish())
+                final = store._blob_path(digest)
+                if digest.size == 0 or store._present(final):
+                    store._count(already_present=1 if digest.size else 0)
+                    _discard(self._temp)
+                else:
+                    store._commit(self._fd, self._temp, final)
+            except BaseException:
+                _discard(self._temp)
+                raise
+            finally:
+                self._close()
+        return digest
+
+    def discard(self) -> None:
+        """Drop what was written (idempotent)."""
+        if self._fd >= 0:
+            with self._store._cache_io():
+                _discard(self._temp)
+                self._close()
+
+    def _start(self) -> None:
+        head = memoryview(self._head or b"")
+        self._encoder = store_codec.StreamEncoder(head, self._store.compress)
+        self._head = None
+        with self._store._cache_io():
+            _write_all(self._fd, self._encoder.header)
+            _write_all(self._fd, self._encoder.first)
+
+    def _close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 # --- helpers --------------------------------------------------------------------------

@@ -19,6 +19,9 @@ import pytest
 
 from tests.helpers import Project, kill_processes_with, new_marker
 
+# The real REAPI servers (buildbox-casd, BuildGrid) as session fixtures.
+pytest_plugins = ("tests.peers",)
+
 # What a sandbox needs from the kernel: a new user namespace (mapping root,
 # as hitz does for a task) holding new mount, pid, net, ipc, uts and cgroup
 # namespaces.

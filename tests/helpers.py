@@ -304,8 +304,16 @@ def wait_for(condition: Callable[[], T], what: str, guard_s: float = EXIT_GUARD_
         time.sleep(0.02)
 
 
+# Mounts the Docker engine makes for its containers (overlay roots, network
+# namespaces): they come and go with containers that are not this test's.
+_DOCKER_MOUNTS = ("/var/lib/docker/", "/run/docker/")
+
+
 def mountinfo() -> list[str]:
-    """This process's mount table, one line per mount, sorted."""
+    """This process's mount table, one line per mount, sorted, without the
+    Docker engine's own mounts."""
     with open("/proc/self/mountinfo") as f:
-        return sorted(f.read().splitlines())
+        lines = f.read().splitlines()
+    return sorted(line for line in lines
+                  if not line.split(" ")[4].startswith(_DOCKER_MOUNTS))
 

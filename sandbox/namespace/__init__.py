@@ -37,16 +37,15 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import math
 import os
-import posixpath
 import selectors
 import signal
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from hitz.sandbox import landlock, report
 from hitz.sandbox.errors import SandboxError, SandboxErrorReason, SandboxUnavailable
 from hitz.sandbox.namespace.build import launcher_path
 from hitz.sandbox.namespace.cgroups import ROOT as CGROUP_ROOT
@@ -54,7 +53,7 @@ from hitz.sandbox.namespace.cgroups import Layout as CgroupLayout
 from hitz.sandbox.namespace.cgroups import TaskCgroups
 from hitz.sandbox.namespace.cgroups import create as create_cgroups
 from hitz.sandbox.namespace.ops import BindReadOnly, Op, flatten
-from hitz.sandbox.namespace.plan import HostLayout, base_ops, work_ops, writable_roots
+from hitz.sandbox.namespace.plan import base_ops, layout_for, work_ops
 from hitz.sandbox.namespace.seccomp import (
     ProfileError,
     compile_default,
@@ -62,9 +61,8 @@ from hitz.sandbox.namespace.seccomp import (
     compile_strict,
 )
 from hitz.sandbox.outputs import OutputRejected, collect
-from hitz.sandbox.policy import Landlock, Policy, Seccomp, profile_digest
-from hitz.sandbox.probe import landlock_abi
-from hitz.sandbox.spec import Network, SandboxResult, SandboxSpec, Status, Usage
+from hitz.sandbox.policy import Policy, Seccomp, profile_digest
+from hitz.sandbox.spec import SandboxResult, SandboxSpec, Status, Usage
 
 # The host uid/gid that a task's root maps to when hitz runs as root.
 SANDBOX_HOST_ID = 65534
@@ -115,7 +113,8 @@ class NamespaceBackend:
         self._host_root = os.geteuid() == 0
         self._sel = selectors.DefaultSelector()
         self._running: dict[int, _Launch] = {}  # by launcher pid
-        self._base: dict[str, tuple[list[Op], bytes]] = {}  # by network
+        # By network and image root ("" for the host's).
+        self._base: dict[tuple[str, str], tuple[list[Op], bytes]] = {}
         self._devnull = -1
         self._done: list[_Launch] = []  # given up waiting for their report pipe
         self._held: dict[str, _Launch] = {}  # prestarted, waiting for release
@@ -283,10 +282,11 @@ class NamespaceBackend:
         return result
 
     def _base_for(self, spec: SandboxSpec) -> tuple[list[Op], bytes]:
-        cached = self._base.get(spec.network.value)
+        key = (spec.network.value, spec.image.root or "" if spec.image else "")
+        cached = self._base.get(key)
         if cached is None:
-            ops = base_ops(HostLayout.probe(), spec.network)
-            cached = self._base[spec.network.value] = (ops, _join(flatten(ops)))
+            ops = base_ops(layout_for(spec), spec.network)
+            cached = self._base[key] = (ops, _join(flatten(ops)))
         return cached
 
     def _header(self, spec: SandboxSpec, op_count: int, hold: bool,
@@ -294,6 +294,7 @@ class NamespaceBackend:
         env = [f"{key}={value}" for key, value in spec.env.items()]
         limits = spec.policy.limits.rlimits()
         cgroups = launch_cgroups.paths if launch_cgroups else []
+        landlock.check(spec.task, spec.policy)  # fail closed: not every caller checked first
         return _join([
             "hitz-launch/1",
             str(len(cgroups)), *cgroups,
@@ -307,63 +308,17 @@ class NamespaceBackend:
             str(spec.policy.capability_mask()),
             "0" if spec.policy.seccomp is Seccomp.UNCONFINED else "1",
             str(len(limits)), *(str(n) for pair in limits for n in pair),
-            *self._landlock_fields(spec),
+            *landlock.arguments(spec),
             str(op_count),
         ])
 
-    def _landlock_fields(self, spec: SandboxSpec) -> list[str]:
-        """Landlock mode (0 off, 1 required, 2 best effort) and the sandbox
-        paths where the task may write."""
-        mode = spec.policy.landlock
-        if mode is Landlock.OFF:
-            return ["0", "0"]
-        if mode is Landlock.REQUIRED and landlock_abi() < 1:
-            raise SandboxUnavailable(
-                f"task `:{spec.task}` needs Landlock; this kernel has none",
-                hint='set landlock = "best-effort" on the task (or in [defaults]) to run '
-                "it without; `hitz doctor` shows what the kernel offers",
-            )
-        writable = ["/tmp", "/dev/shm"] + [
-            posixpath.join(spec.cwd, root) if root else spec.cwd
-            for root in writable_roots(spec.outputs)
-        ]
-        return ["1" if mode is Landlock.REQUIRED else "2", str(len(writable)), *writable]
-
     def _enforced(self, spec: SandboxSpec) -> tuple[dict[str, str], tuple[str, ...]]:
-        """What this task ran under, and what of the default it went without."""
+        """What this task ran under, and what of the default it went without
+        (report.py; the seccomp digest is of the BPF program installed)."""
         policy = spec.policy
-        weakened = []
-        if spec.network is Network.HOST:
-            weakened.append("network host")
-        if policy.seccomp is Seccomp.PROFILE and policy.seccomp_profile:
-            seccomp = f"profile {policy.seccomp_profile} sha256:" + profile_digest(
-                policy.seccomp_profile)[:16]
-        elif policy.seccomp is Seccomp.STRICT:
-            seccomp = f"strict sha256:{hashlib.sha256(compile_strict()).hexdigest()[:16]}"
-        elif policy.seccomp is Seccomp.UNCONFINED or self._bpf is None:
-            seccomp = "unconfined"
-            weakened.append("seccomp unconfined")
-        else:
-            seccomp = f"default sha256:{hashlib.sha256(self._bpf).hexdigest()[:16]}"
-        abi = landlock_abi()
-        if policy.landlock is Landlock.OFF:
-            landlock = "off"
-            weakened.append("landlock off")
-        elif abi < 1:
-            landlock = "none in this kernel (best-effort)"
-            weakened.append("landlock unavailable")
-        else:
-            landlock = f"ABI {abi}"
-        if policy.capabilities:
-            weakened.append("capabilities " + ",".join(policy.capabilities))
-        enforced = {
-            "sandbox": "namespace",
-            "seccomp": seccomp,
-            "landlock": landlock,
-            "capabilities": ",".join(policy.capabilities) or "none",
-            "limits": policy.describe().split("rlimits=", 1)[1].split(";", 1)[0],
-        }
-        return enforced, tuple(weakened)
+        program = (compile_strict() if policy.seccomp is Seccomp.STRICT
+                   else self._bpf if policy.seccomp is Seccomp.DEFAULT else None)
+        return report.enforcement("namespace", policy, spec.network, program)
 
     def _cgroups_for(self, spec: SandboxSpec) -> TaskCgroups | None:
         limits = spec.policy.limits
@@ -551,12 +506,7 @@ def check_policy(task: str, policy: Policy) -> None:
     """Refuse, before anything runs, a task whose policy this host cannot
     enforce (fail closed; the hint names the manifest key that would allow
     running with less)."""
-    if policy.landlock is Landlock.REQUIRED and landlock_abi() < 1:
-        raise SandboxUnavailable(
-            f"task `:{task}` needs Landlock; this kernel has none",
-            hint='set landlock = "best-effort" on the task (or in [defaults]) to run it '
-            "without; `hitz doctor` shows what the kernel offers",
-        )
+    landlock.check(task, policy)
     limits = policy.limits
     wants_cgroups = limits.memory is not None or limits.pids is not None or limits.cpu is not None
     if wants_cgroups and os.geteuid() != 0 and not os.access(CGROUP_ROOT, os.W_OK):

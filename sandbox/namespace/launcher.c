@@ -9,7 +9,8 @@
  * sandbox/namespace/__init__.py and docs/security-model.md.
  *
  * Built by hitz on first use (sandbox/namespace/build.py), static, from this
- * file alone.
+ * file and ../landlock.h, the Landlock rules it shares with the docker
+ * backend's container init.
  *
  * On entry: fd 0 /dev/null, fd 1 and 2 the task's log files, fd 3 a memfd
  * holding the plan, fd 4 the report pipe, and for a held launch fd 5, the
@@ -65,6 +66,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "../landlock.h"
+
 #define PLAN_FD 3
 #define REPORT_FD 4
 #define GO_FD 5 /* held launches only: one byte 'G' starts the task */
@@ -83,33 +86,8 @@ static struct {
     } limits[16];
 } policy;
 
-/* Landlock, defined here: the kernel headers of older distributions lack
- * the later ABIs (truncate: 3, ioctl on devices: 5, scopes: 6). */
-#define LL_CREATE_RULESET 444
-#define LL_ADD_RULE 445
-#define LL_RESTRICT_SELF 446
-#define LL_RULE_PATH_BENEATH 1
-#define LL_FS_EXECUTE (1ULL << 0)
-#define LL_FS_WRITE_FILE (1ULL << 1)
-#define LL_FS_READ_FILE (1ULL << 2)
-#define LL_FS_READ_DIR (1ULL << 3)
-#define LL_FS_REFER (1ULL << 13)    /* ABI 2 */
-#define LL_FS_TRUNCATE (1ULL << 14) /* ABI 3 */
-#define LL_FS_IOCTL_DEV (1ULL << 15) /* ABI 5 */
-#define LL_SCOPE_ABSTRACT_UNIX_SOCKET (1ULL << 0) /* ABI 6 */
-#define LL_SCOPE_SIGNAL (1ULL << 1)               /* ABI 6 */
-struct ll_ruleset_attr {
-    __u64 handled_access_fs;
-    __u64 handled_access_net;
-    __u64 scoped;
-};
-struct ll_path_beneath {
-    __u64 allowed_access;
-    __s32 parent_fd;
-} __attribute__((packed));
-
 static struct {
-    int mode; /* 0 off, 1 required, 2 best effort */
+    int mode; /* LL_MODE_OFF, LL_MODE_REQUIRED or LL_MODE_BEST_EFFORT */
     int npaths;
     const char **writable; /* sandbox paths where the task may write */
 } landlock;
@@ -428,50 +406,16 @@ static void drop_capabilities(void) {
     }
 }
 
-static void allow_beneath(int ruleset, const char *path, __u64 access) {
-    struct ll_path_beneath rule = {access, open(path, O_PATH | O_CLOEXEC)};
-    if (rule.parent_fd < 0) {
-        if (errno == ENOENT) return; /* a place this sandbox does not have */
-        die(path);
-    }
-    if (syscall(LL_ADD_RULE, ruleset, LL_RULE_PATH_BENEATH, &rule, 0) < 0) die("landlock_add_rule");
-    close(rule.parent_fd);
-}
-
-/* Landlock: the mount layout already makes the root read-only and shows
- * only declared inputs; these rules say the same to the LSM, so a kernel
- * bug in the mount code is not enough to write elsewhere. Read and execute
- * beneath /, write only beneath the output folders, /tmp, /dev/shm and the
- * harmless devices; with ABI 6, no abstract unix socket and no signal
- * reaches outside the task. TCP stays unrestricted: the task's own
- * loopback is its to use, and network = "none" leaves nothing else. */
+/* Landlock (the rules: ../landlock.h, shared with the docker backend's
+ * init): the mount layout already makes the root read-only and shows only
+ * declared inputs; the rules say the same to the LSM, so a kernel bug in
+ * the mount code is not enough to write elsewhere. init set no_new_privs,
+ * which landlock_restrict_self requires. */
 static void restrict_filesystem(void) {
     step = "landlock";
-    if (!landlock.mode) return;
-    int abi = syscall(LL_CREATE_RULESET, NULL, 0, 1 /* LANDLOCK_CREATE_RULESET_VERSION */);
-    if (abi < 1) {
-        if (landlock.mode == 2) return; /* best effort: the report says it was not there */
-        die("Landlock is not available");
-    }
-    __u64 write = LL_FS_WRITE_FILE | (1ULL << 4) | (1ULL << 5) | (1ULL << 6) | (1ULL << 7) |
-                  (1ULL << 8) | (1ULL << 9) | (1ULL << 10) | (1ULL << 11) | (1ULL << 12);
-    __u64 read = LL_FS_EXECUTE | LL_FS_READ_FILE | LL_FS_READ_DIR;
-    if (abi >= 2) write |= LL_FS_REFER;
-    if (abi >= 3) write |= LL_FS_TRUNCATE;
-    __u64 devices = LL_FS_WRITE_FILE | LL_FS_READ_FILE | (abi >= 3 ? LL_FS_TRUNCATE : 0) |
-                    (abi >= 5 ? LL_FS_IOCTL_DEV : 0);
-    struct ll_ruleset_attr attr = {read | write | (abi >= 5 ? LL_FS_IOCTL_DEV : 0), 0,
-                                   abi >= 6 ? LL_SCOPE_ABSTRACT_UNIX_SOCKET | LL_SCOPE_SIGNAL : 0};
-    size_t size = abi >= 6 ? sizeof attr : abi >= 4 ? 2 * sizeof(__u64) : sizeof(__u64);
-    int ruleset = syscall(LL_CREATE_RULESET, &attr, size, 0);
-    if (ruleset < 0) die("landlock_create_ruleset");
-    allow_beneath(ruleset, "/", read);
-    for (int i = 0; i < landlock.npaths; i++) allow_beneath(ruleset, landlock.writable[i], read | write);
-    static const char *const dev[] = {"/dev/null", "/dev/zero", "/dev/full", "/dev/random",
-                                      "/dev/urandom"};
-    for (size_t i = 0; i < sizeof dev / sizeof *dev; i++) allow_beneath(ruleset, dev[i], devices);
-    if (syscall(LL_RESTRICT_SELF, ruleset, 0) < 0) die("landlock_restrict_self");
-    close(ruleset);
+    const char *failed;
+    if (landlock_confine(landlock.mode, landlock.npaths, landlock.writable, &failed) < 0)
+        die(failed);
 }
 
 /* Last step before exec, so the filter never has to allow set-up syscalls. */

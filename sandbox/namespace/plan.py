@@ -1,9 +1,15 @@
 """Turn a ``SandboxSpec`` into the ordered operations that build its root.
 
-Pure: no system calls beyond reading the host's top-level layout once
-(``HostLayout.probe``), so the plan is unit-tested and printable. The order
-is the order ``mounts.apply`` runs them in; the comments say why a step sits
-where it does.
+Pure: no system calls beyond reading the top-level layout of the host (or
+of the task's image) once (``HostLayout.probe``, ``HostLayout.probe_image``),
+so the plan is unit-tested and printable. The order is the order
+``mounts.apply`` runs them in; the comments say why a step sits where it does.
+
+The root's system part comes from the host (``rootfs = "host"``: its /usr,
+the merged-/usr links, a few toolchain files of /etc) or from an image's
+unpacked, read-only tree (``rootfs = "image:NAME"``: every top-level entry
+and all of its /etc, nothing of the host's). Either way /etc's users, groups
+and host names are written fresh, and /dev, /proc and /tmp are the sandbox's own.
 """
 
 from __future__ import annotations
@@ -61,6 +67,10 @@ _ETC_FILES = {
     "nsswitch.conf": "passwd: files\ngroup: files\nhosts: files dns\n",
 }
 
+# Top-level entries of an image that are not bound from it: the sandbox
+# makes its own (and /etc is assembled entry by entry).
+_IMAGE_OWN = frozenset({"dev", "proc", "sys", "tmp", "etc", "run"})
+
 _DEVICES = ("null", "zero", "full", "random", "urandom")
 
 # Host information /proc shows whatever the pid namespace: kernel symbols and
@@ -79,6 +89,9 @@ class HostEntry:
     name: str  # e.g. "usr", "ld.so.cache"
     symlink: str | None  # the link's target if the host entry is a symlink
     is_dir: bool
+    # The host path bound at /NAME (or /etc/NAME); None: that same path on the
+    # host. An image's entries come from its unpacked tree.
+    source: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +119,50 @@ class HostLayout:
             etc=entries(os.path.join(root, "etc"), _ETC_ENTRIES),
             etc_network=entries(os.path.join(root, "etc"), _ETC_NETWORK_ENTRIES),
         )
+
+    @classmethod
+    def probe_image(cls, image_root: str, host_root: str = "/") -> HostLayout:
+        """The layout of an image's unpacked tree: every top-level entry but
+        the sandbox's own folders, all of its /etc but the files written
+        fresh. With network = "host" only the host's resolver files are
+        added; certificates are the image's."""
+
+        def entries(folder: str, skip: frozenset[str] | dict[str, str]) -> tuple[HostEntry, ...]:
+            try:
+                names = sorted(os.listdir(folder))
+            except FileNotFoundError:
+                return ()
+            found = []
+            for name in names:
+                if name in skip:
+                    continue
+                path = os.path.join(folder, name)
+                if os.path.islink(path):
+                    found.append(HostEntry(name, os.readlink(path), False, path))
+                else:
+                    found.append(HostEntry(name, None, os.path.isdir(path), path))
+            return tuple(found)
+
+        host_etc = os.path.join(host_root, "etc")
+        resolver = tuple(
+            HostEntry(name, None, False) for name in ("resolv.conf", "gai.conf")
+            if os.path.isfile(os.path.join(host_etc, name))
+        )
+        return cls(
+            rootfs=entries(image_root, _IMAGE_OWN),
+            etc=entries(os.path.join(image_root, "etc"), _ETC_FILES),
+            etc_network=resolver,
+        )
+
+
+def layout_for(spec: SandboxSpec) -> HostLayout:
+    """The layout ``spec``'s root is built from: its image's, else the
+    host's. Reads the filesystem: call it once per image and cache it."""
+    if spec.image is None:
+        return HostLayout.probe()
+    if spec.image.root is None:
+        raise ValueError(f"image {spec.image.name} has no unpacked root for this sandbox")
+    return HostLayout.probe_image(spec.image.root)
 
 
 def writable_roots(outputs: tuple[str, ...]) -> list[str]:
@@ -163,8 +220,10 @@ def _rootfs(host: HostLayout, network: Network) -> list[Op]:
         path = "/" + entry.name
         if entry.symlink is not None:
             ops.append(Symlink(entry.symlink, path))
+        elif entry.is_dir:
+            ops += [MakeDir(path), BindReadOnly(entry.source or path, path)]
         else:
-            ops += [MakeDir(path), BindReadOnly(path, path)]
+            ops += [MakeFile(path), BindReadOnly(entry.source or path, path)]
     ops.append(MakeDir("/etc"))
     ops += [WriteFile("/etc/" + name, content) for name, content in _ETC_FILES.items()]
     etc = host.etc + (host.etc_network if network is Network.HOST else ())
@@ -173,7 +232,8 @@ def _rootfs(host: HostLayout, network: Network) -> list[Op]:
         if entry.symlink is not None:
             ops.append(Symlink(entry.symlink, path))
         else:
-            ops += [MakeDir(path) if entry.is_dir else MakeFile(path), BindReadOnly(path, path)]
+            ops += [MakeDir(path) if entry.is_dir else MakeFile(path),
+                    BindReadOnly(entry.source or path, path)]
     return ops
 
 

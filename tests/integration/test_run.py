@@ -27,7 +27,9 @@ def statuses(result: object) -> dict[str, str]:
 def test_example_project_builds_and_its_test_passes(project: Project) -> None:
     shutil.copy(REPO / "hitz.toml.example", project.root / "hitz.toml")
     shutil.copytree(REPO / "example", project.root / "example")
-    result = project.run()
+    # `test` and what it needs: the tasks on the host's /usr (test_in_image,
+    # on the cc image, is run by tests/integration/test_images.py).
+    result = project.run("test")
     assert result.returncode == 0, str(result)
     summary = result.json()
     assert summary["ok"] is True
@@ -251,11 +253,11 @@ def test_json_summary_shape(project: Project) -> None:
     for entry in summary["tasks"]:
         assert set(entry) == {
             "name", "outcome", "status", "exit_code", "duration_s", "message", "logs",
-            "cached", "action_digest", "enforced", "weakened",
+            "cached", "cached_from", "action_digest", "enforced", "weakened",
         }
     first, second = summary["tasks"]
     assert (first["outcome"], first["exit_code"], first["message"]) == ("succeeded", 0, None)
-    assert first["cached"] is False
+    assert (first["cached"], first["cached_from"]) == (False, None)
     assert re.fullmatch(r"[0-9a-f]{64}/[0-9]+", first["action_digest"])
     assert second["action_digest"] is None  # a failure has no cache entry
     assert (second["outcome"], second["exit_code"]) == ("failed", 2)

@@ -18,6 +18,7 @@ import pytest
 
 from hitz.sandbox.probe import landlock_abi
 from tests.helpers import Project
+from tests.security.conftest import is_docker
 from tests.security.test_isolation import Probe, assert_ran, probe
 
 pytestmark = [
@@ -115,9 +116,12 @@ def test_a_named_capability_is_kept_and_only_it(project: Project) -> None:
     p = probe(project, "grep -E '^Cap(Eff|Bnd|Amb):' /proc/self/status",
               extra={"capabilities": ["CAP_CHOWN"]})
     assert_ran(p)
+    # Docker (20.10) sets no ambient capabilities, and a task never runs as
+    # uid 0 there: a kept capability stays in the bounding set only, usable
+    # through a file capability (docs/docker.md).
+    usable = "0000000000000000" if is_docker(project) else "0000000000000001"
     assert p.stdout.split() == [
-        "CapEff:", "0000000000000001", "CapBnd:", "0000000000000001",
-        "CapAmb:", "0000000000000001",
+        "CapEff:", usable, "CapBnd:", "0000000000000001", "CapAmb:", usable,
     ]
 
 
@@ -153,9 +157,12 @@ def test_a_cpu_time_limit_kills_a_busy_loop(project: Project) -> None:
     p = probe(project, "exec perl -e '1 while 1'", extra={"limits": {"cpu_time": "1s"}})
     entry = p.result.task("probe")
     assert entry["outcome"] == "failed", str(p)
-    assert entry["exit_code"] in (-24, -9), str(p)  # SIGXCPU, or SIGKILL at the hard limit
+    # SIGXCPU, or SIGKILL at the hard limit; Docker reports them as 128 + n.
+    killed = (128 + 24, 128 + 9) if is_docker(project) else (-24, -9)
+    assert entry["exit_code"] in killed, str(p)
 
 
+@pytest.mark.namespace_only("the cache key is computed before any backend runs")
 def test_the_policy_is_part_of_the_cache_key(project: Project) -> None:
     project.write_manifest(
         "[tasks.probe]\nrun = \"true\"\n",
@@ -235,6 +242,12 @@ def test_a_fork_bomb_stops_at_the_process_limit(project: Project) -> None:
     p = probe(project, "exec sh -c 'for i in $(seq 200); do sleep 3 & done; wait'",
               extra={"limits": {"pids": 16}, "cache": False})
     entry = p.result.task("probe")
+    if is_docker(project):
+        # Docker does not say its pids limit stopped a fork: the task fails
+        # in its own words (docs/docker.md).
+        assert entry["outcome"] == "failed", str(p)
+        assert "Cannot fork" in p.stderr, str(p)  # dash's words
+        return
     assert (entry["outcome"], entry["status"]) == ("failed", "limit-exceeded"), str(p)
     assert entry["message"] == "reached its process limit (limits.pids = 16)"
 
@@ -345,6 +358,9 @@ def test_the_task_has_a_keyring_of_its_own(project: Project) -> None:
     assert int(inside.stdout) not in (own_id, -1), str(inside)
 
 
+@pytest.mark.namespace_only("builds with the host's C toolchain, which the probe image lacks; "
+                            "the docker backend's strict profile is the same program "
+                            "(tests/unit/test_docker_seccomp.py)")
 def test_the_strict_profile_runs_a_build_and_denies_the_rest(project: Project) -> None:
     project.write("src/m.c", '#include <stdio.h>\nint main(void){puts("hi");return 0;}\n')
     script = (

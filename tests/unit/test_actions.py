@@ -380,3 +380,70 @@ def test_copying_a_checkout_keeps_every_key(tmp_path: Path) -> None:
     shutil.copytree(original.root, tmp_path / "b" / "proj")
     copy = Checkout.at(tmp_path / "b" / "proj")
     assert copy.key().digest == original.key().digest
+
+
+# --- tasks on an image ---------------------------------------------------------------
+
+
+def _pinned_image(root: Path, digest: str) -> None:
+    """images/bb.toml and a hitz.lock pinning it to ``digest`` (nothing is
+    built: a pinned image's key needs only the pin)."""
+    from hitz.executor.images_def import LockedImage, LockedPackage, load_definition, write_lock
+
+    (root / "images").mkdir(exist_ok=True)
+    (root / "images" / "bb.toml").write_text('suite = "bookworm"\npackages = ["busybox-static"]\n')
+    definition = load_definition(root / "images" / "bb.toml")
+    package = LockedPackage("busybox-static", "1:1.35.0-4", "amd64", "ab" * 32, 1000)
+    write_lock(root / "hitz.lock",
+               {"bb": LockedImage(digest, definition.digest, "bookworm", "amd64", (package,))})
+
+
+_ON_IMAGE = "\n".join([
+    task("ns", "echo hi", extra={"rootfs": "image:bb", "backend": "namespace"}),
+    task("docker", "echo hi", extra={"rootfs": "image:bb", "backend": "docker"}),
+    task("host", "echo hi"),
+])
+
+
+def test_a_task_on_an_image_has_the_same_key_in_every_backend(tmp_path: Path) -> None:
+    checkout = Checkout(tmp_path / "proj", _ON_IMAGE, {})
+    _pinned_image(checkout.root, "sha256:" + "1" * 64)
+    runner = checkout.runner()
+    ns = runner.key_for(runner.manifest.tasks["ns"])[0]
+    docker = runner.key_for(runner.manifest.tasks["docker"])[0]
+    host = runner.key_for(runner.manifest.tasks["host"])[0]
+    assert ns.platform["hitz.rootfs"] == "image:sha256:" + "1" * 64
+    assert ns.digest == docker.digest
+    assert ns.digest != host.digest
+
+
+def test_the_image_digest_moves_the_key_of_a_task_on_it(tmp_path: Path) -> None:
+    checkout = Checkout(tmp_path / "proj", _ON_IMAGE, {})
+    _pinned_image(checkout.root, "sha256:" + "1" * 64)
+    before = checkout.key("ns")
+    _pinned_image(checkout.root, "sha256:" + "2" * 64)
+    after = checkout.key("ns")
+    assert before.digest != after.digest
+    assert after.platform["hitz.rootfs"] == "image:sha256:" + "2" * 64
+
+
+def test_a_docker_image_named_by_digest_is_keyed_by_that_digest(tmp_path: Path) -> None:
+    digest = "sha256:" + "3" * 64
+    manifest = "\n".join([
+        task("a", "echo hi", extra={"rootfs": f"docker:debian@{digest}", "backend": "docker"}),
+        task("b", "echo hi", extra={"rootfs": f"docker:other/name@{digest}", "backend": "docker"}),
+    ])
+    checkout = Checkout(tmp_path / "proj", manifest, {})
+    a, b = checkout.key("a"), checkout.key("b")
+    assert a.platform["hitz.rootfs"] == "docker:" + digest
+    assert a.digest == b.digest  # the content, not the name
+
+
+def test_re_pinning_an_image_makes_its_tasks_stale_for_the_no_op_path(tmp_path: Path) -> None:
+    checkout = Checkout(tmp_path / "proj", _ON_IMAGE, {})
+    _pinned_image(checkout.root, "sha256:" + "1" * 64)
+    runner = checkout.runner()
+    before = runner._fingerprint(runner.manifest.tasks["ns"], [])
+    _pinned_image(checkout.root, "sha256:" + "2" * 64)
+    runner = checkout.runner()
+    assert runner._fingerprint(runner.manifest.tasks["ns"], []) != before

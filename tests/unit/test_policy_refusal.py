@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 
 import hitz.sandbox.namespace as namespace
+from hitz.sandbox import landlock
 from hitz.sandbox.errors import SandboxErrorReason, SandboxUnavailable
 from hitz.sandbox.policy import Landlock, Limits, Policy, Seccomp
 
@@ -15,7 +16,7 @@ from hitz.sandbox.policy import Landlock, Limits, Policy, Seccomp
 def test_required_landlock_on_a_kernel_without_it_is_refused(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(namespace, "landlock_abi", lambda: 0)
+    monkeypatch.setattr(landlock, "landlock_abi", lambda: 0)
     with pytest.raises(SandboxUnavailable) as caught:
         namespace.check_policy("build", Policy())
     assert caught.value.message == "task `:build` needs Landlock; this kernel has none"
@@ -27,7 +28,7 @@ def test_required_landlock_on_a_kernel_without_it_is_refused(
 def test_best_effort_landlock_runs_on_a_kernel_without_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(namespace, "landlock_abi", lambda: 0)
+    monkeypatch.setattr(landlock, "landlock_abi", lambda: 0)
     assert namespace.check_policy("build", Policy(landlock=Landlock.BEST_EFFORT)) is None
 
 

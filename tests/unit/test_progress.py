@@ -217,6 +217,7 @@ def test_json_summary_writes_one_document_at_the_end() -> None:
                 "message": None,
                 "logs": [],
                 "cached": False,
+                "cached_from": None,
                 "action_digest": None,
                 "enforced": None,
                 "weakened": [],
@@ -230,6 +231,7 @@ def test_json_summary_writes_one_document_at_the_end() -> None:
                 "message": "exited with status 1",
                 "logs": [".hitz/logs/link.stderr"],
                 "cached": False,
+                "cached_from": None,
                 "action_digest": None,
                 "enforced": None,
                 "weakened": [],
@@ -243,6 +245,7 @@ def test_json_summary_writes_one_document_at_the_end() -> None:
                 "message": 'dependency ":link" failed',
                 "logs": [],
                 "cached": False,
+                "cached_from": None,
                 "action_digest": None,
                 "enforced": None,
                 "weakened": [],
@@ -256,6 +259,7 @@ def test_json_summary_writes_one_document_at_the_end() -> None:
                 "message": 'not started because ":link" failed',
                 "logs": [],
                 "cached": False,
+                "cached_from": None,
                 "action_digest": None,
                 "enforced": None,
                 "weakened": [],
@@ -270,3 +274,48 @@ def test_json_summary_of_a_clean_run_is_ok() -> None:
     document = json.loads(out.getvalue())
     assert document["ok"] is True
     assert document["counts"] == {"succeeded": 1, "failed": 0, "skipped": 0, "cancelled": 0}
+
+
+# Cached tasks: which cache served them
+
+LOCAL_HIT = TaskResult("compile", Outcome.SUCCEEDED, "cached", 0, 0.01, cached=True,
+                       cached_from="local")
+REMOTE_HIT = TaskResult("link", Outcome.SUCCEEDED, "cached", 0, 0.02, cached=True,
+                        cached_from="remote")
+HITS = [LOCAL_HIT, REMOTE_HIT]
+
+
+def test_plain_progress_says_which_cache_served_a_task() -> None:
+    out = io.StringIO()
+    feed(PlainProgress(out), HITS, RunSummary("demo", HITS, 0.5))
+    # A local hit is only counted; a remote hit has its line.
+    assert out.getvalue() == (
+        "[2/2] ok      :link (cached (remote), 0.02s)\n"
+        "2 tasks: 2 succeeded (2 from the cache, 1 remote) in 0.50s\n"
+    )
+
+
+def test_live_progress_says_which_cache_served_a_task() -> None:
+    out = io.StringIO()
+    feed(LiveProgress(out, color=False, width=80, now=FakeTime()), HITS,
+         RunSummary("demo", HITS, 0.5))
+    assert out.getvalue() == (
+        "[0/2] running :compile"
+        "\r\x1b[K[2/2] ok      :link (cached (remote), 0.02s)\n[2/2]"
+        "\r\x1b[K2 tasks: 2 succeeded (2 from the cache, 1 remote) in 0.50s\n"
+    )
+
+
+def test_json_summary_says_which_cache_served_a_task() -> None:
+    out = io.StringIO()
+    ran = TaskResult("test", Outcome.SUCCEEDED, "succeeded", 0, 1.0)
+    older = TaskResult("docs", Outcome.SUCCEEDED, "cached", 0, 0.0, cached=True)
+    results = [*HITS, ran, older]
+    feed(JsonSummary(out), results, RunSummary("demo", results, 1.5))
+    tasks = json.loads(out.getvalue())["tasks"]
+    assert [(t["name"], t["cached"], t["cached_from"]) for t in tasks] == [
+        ("compile", True, "local"),
+        ("link", True, "remote"),
+        ("test", False, None),
+        ("docs", True, "local"),  # a cached result that does not say: the local cache
+    ]

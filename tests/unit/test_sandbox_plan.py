@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+from pathlib import Path
 
 import pytest
 
@@ -316,3 +317,42 @@ def test_staging_folders_are_made_before_they_are_bound() -> None:
     assert made == [STAGING, f"{STAGING}/out", f"{STAGING}/out/gen"]
     first_bind = min(i for i, op in enumerate(ops) if isinstance(op, BindWritable))
     assert all(ops.index(op) < first_bind for op in ops if isinstance(op, MakeStagingDir))
+
+
+# --- the namespace sandbox on an image root ---------------------------------------------
+
+
+def _image_layout() -> HostLayout:
+    return HostLayout(
+        rootfs=(HostEntry("usr", None, True, "/cache/img/root/usr"),
+                HostEntry("bin", "usr/bin", False, "/cache/img/root/bin")),
+        etc=(HostEntry("os-release", None, False, "/cache/img/root/etc/os-release"),),
+        etc_network=(HostEntry("resolv.conf", None, False),),
+    )
+
+
+def test_an_image_root_is_bound_from_the_image_not_the_host() -> None:
+    ops = base_ops(_image_layout(), Network.NONE)
+    binds = [op for op in ops if isinstance(op, BindReadOnly)]
+    assert BindReadOnly("/cache/img/root/usr", "/usr") in binds
+    assert BindReadOnly("/cache/img/root/etc/os-release", "/etc/os-release") in binds
+    assert not any(op.source == "/usr" for op in binds)
+    assert Symlink("usr/bin", "/bin") in ops
+    assert ops.index(MakeDir("/usr")) < ops.index(BindReadOnly("/cache/img/root/usr", "/usr"))
+    # passwd is written fresh, before the image's /etc entries are bound
+    written = [op.path for op in ops if isinstance(op, WriteFile)]
+    assert "/etc/passwd" in written
+
+
+def test_probing_an_image_skips_the_sandbox_s_own_folders(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    for folder in ("usr/bin", "etc", "proc", "dev", "tmp"):
+        (root / folder).mkdir(parents=True)
+    (root / "bin").symlink_to("usr/bin")
+    (root / "etc/passwd").write_text("evil\n")
+    (root / "etc/os-release").write_text("x\n")
+    layout = HostLayout.probe_image(str(root))
+    assert [e.name for e in layout.rootfs] == ["bin", "usr"]
+    assert layout.rootfs[0].symlink == "usr/bin"
+    assert [e.name for e in layout.etc] == ["os-release"]  # passwd is hitz's own
+    assert layout.rootfs[1].source == str(root / "usr")
