@@ -39,18 +39,20 @@ as_root() {
 
 # ensure_apt_packages: install the missing ones; nothing (and no network) if
 # all are there already.
+# ensure_apt_packages [PKG...]: the given packages (default: APT_PACKAGES).
 ensure_apt_packages() {
     local missing=() pkg
-    for pkg in "${APT_PACKAGES[@]}"; do
+    (($# > 0)) || set -- "${APT_PACKAGES[@]}"
+    for pkg in "$@"; do
         if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'ok installed'; then
             missing+=("$pkg")
         fi
     done
     if ((${#missing[@]} > 0)); then
         echo "installing ${missing[*]} with apt-get" >&2
-        quietly as_root apt-get update
+        quietly as_root apt-get update || return 1
         quietly as_root env DEBIAN_FRONTEND=noninteractive \
-            apt-get install -y --no-install-recommends "${missing[@]}"
+            apt-get install -y --no-install-recommends "${missing[@]}" || return 1
     fi
 }
 

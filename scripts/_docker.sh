@@ -19,10 +19,7 @@ docker_answers() {
 
 ensure_docker() {
     if ! command -v dockerd >/dev/null || ! command -v docker >/dev/null; then
-        echo "installing docker.io with apt-get" >&2
-        quietly as_root apt-get update
-        quietly as_root env DEBIAN_FRONTEND=noninteractive \
-            apt-get install -y --no-install-recommends docker.io
+        ensure_apt_packages docker.io || return 1
     fi
     if docker_answers; then
         return 0

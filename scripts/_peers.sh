@@ -171,18 +171,7 @@ _peers_free_port() {
 
 # ensure_peers: install what the interop tests need, then write peers.env.
 ensure_peers() {
-    local missing=() pkg
-    for pkg in "${PEERS_APT_PACKAGES[@]}"; do
-        if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'ok installed'; then
-            missing+=("$pkg")
-        fi
-    done
-    if ((${#missing[@]} > 0)); then
-        echo "installing ${missing[*]} with apt-get" >&2
-        quietly as_root apt-get update || return 1
-        quietly as_root env DEBIAN_FRONTEND=noninteractive \
-            apt-get install -y --no-install-recommends "${missing[@]}" || return 1
-    fi
+    ensure_apt_packages "${PEERS_APT_PACKAGES[@]}" || return 1
     _peers_ready && return 0
     mkdir -p "$PEERS_STATE" || return 1
     # One installer at a time (two test runs may start together on a fresh
