@@ -17,7 +17,9 @@ Per-task overhead = (total - N * W / J) / N, W being what a task itself
 takes (``--work W``: it runs ``sleep W``; 0, the default, runs ``/bin/true``). The ratio
 hitz / docker run is what issue 5 bounds (at most 0.5). Whole-process
 timings with ``time.perf_counter`` around ``subprocess.run``; medians.
-Prints a Markdown table; ``--write-docs`` appends it to docs/benchmarks.md.
+The machine is shared: the table says when it ran and the load average
+(1 minute) before and after. Prints a Markdown table; ``--write-docs``
+appends it to docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -103,6 +105,8 @@ def main() -> None:
                         help="seconds each task sleeps (0: it runs /bin/true)")
     parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args()
+    load_before = os.getloadavg()[0]
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     with tempfile.TemporaryDirectory(prefix="hitz-docker-bench-") as tmp:
         work = Path(tmp)
         image_id = import_busybox(work)
@@ -122,6 +126,7 @@ def main() -> None:
             hitz_runs.append(time_hitz(project, args.jobs))
         subprocess.run(["docker", "rmi", "-f", f"{IMAGE_NAME}:latest"], capture_output=True,
                        check=False)
+    load_after = os.getloadavg()[0]
     docker_s, hitz_s = statistics.median(docker_runs), statistics.median(hitz_runs)
     # What the tasks themselves take, J at a time; the rest is overhead.
     ideal = args.tasks * args.work / args.jobs
@@ -131,6 +136,7 @@ def main() -> None:
     table = (
         f"\n### Docker backend: per-task overhead ({args.tasks} tasks of {what}, "
         f"-j {args.jobs}, median of {args.reps})\n\n"
+        f"{when}, load average {load_before:.1f} → {load_after:.1f}\n\n"
         "| runner | whole run (s) | overhead per task (ms) |\n|---|---:|---:|\n"
         f"| `docker run --rm` loop (`xargs -P {args.jobs}`) | {docker_s:.2f} | "
         f"{per_docker * 1000:.0f} |\n"

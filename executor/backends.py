@@ -77,7 +77,10 @@ class Router:
     @property
     def lookahead(self) -> int:
         """How many sandboxes the scheduler should prepare ahead: the most
-        any backend made so far wants (1 before the first is made)."""
+        any backend made so far wants (1 before the first is made). The
+        scheduler cannot know a task's backend before preparing it, so in a
+        run mixing backends the namespace sandbox may hold as many as the
+        docker backend asks for; it holds any number."""
         return max((int(getattr(b, "lookahead", 1)) for b in self._backends.values()),
                    default=1)
 

@@ -52,8 +52,10 @@ _MONOTONIC = MonotonicClock()
 class Scheduler:
     """Runs every task of ``plan`` at most once; see the module docstring.
 
-    ``jobs``: how many tasks may run at once (at least 1). ``project`` is
-    copied into the summary. One ``run()`` per scheduler; the caller owns
+    ``jobs``: how many tasks may run at once (at least 1). Besides those,
+    the sandboxes of up to ``backend.lookahead`` ready tasks (1 if the
+    backend has no such attribute) are prepared ahead and held until a
+    slot frees. ``project`` is copied into the summary. One ``run()`` per scheduler; the caller owns
     ``backend`` and closes it.
     """
 
@@ -94,7 +96,7 @@ class Scheduler:
         self._first_failure: str | None = None
         self._started_at: float | None = None
         self._interrupted = False  # Ctrl-C or SIGTERM arrived
-        self._held: str | None = None  # prepared ahead by the backend, not started
+        self._held: list[str] = []  # prepared ahead by the backend, not started
         self._unreleased: set[str] = set()  # prepared ahead and never started
         self._announcing: str | None = None  # being released, task_started emitted
         self._stopped: set[str] = set()  # announced as started, cancelled before it ran
@@ -141,8 +143,7 @@ class Scheduler:
         they all succeeded (a failure stops new starts) and finishing them
         releases no task that outranks the best one ready now."""
         candidates = [self._ready[0]] if self._ready else []
-        if self._held is not None:
-            candidates.append(self._ready_key(self._held))
+        candidates += [self._ready_key(name) for name in self._held]
         if not candidates or not all(e.status is Status.SUCCEEDED for e in self._ended):
             return False
         best = min(candidates)
@@ -157,16 +158,19 @@ class Scheduler:
 
     def _fill(self) -> None:
         """Start ready tasks, highest priority first, while slots are free,
-        then prepare the next one ahead (see ``_hold``). A task that ended
-        but is not finished yet no longer holds a slot; a held one never did.
+        then prepare the next ones ahead (see ``_hold``). A task that ended
+        but is not finished yet no longer holds a slot; a held one never did,
+        and one whose result came back before its release is not released.
         """
         while not self._stopping:
-            busy = len(self._running) - len(self._ended) - (self._held is not None)
+            ended = {e.task for e in self._ended}
+            busy = sum(name not in ended and name not in self._held for name in self._running)
             if busy >= self._jobs:
                 break
-            held = self._held
+            held = min((h for h in self._held if h not in ended), key=self._ready_key,
+                       default=None)
             if held is not None and (not self._ready or self._ready_key(held) < self._ready[0]):
-                self._held = None
+                self._held.remove(held)
                 self._running[held] = self._clock.now()
                 self._announcing = held
                 self._started(held)  # a Ctrl-C may land here
@@ -180,16 +184,16 @@ class Scheduler:
         self._hold()
 
     def _hold(self) -> None:
-        """Build the sandbox of the best ready task now, while the slots are
-        busy, so that it starts the moment one frees (the set-up of a
-        sandbox is a few milliseconds a slot would otherwise sit idle).
-        Its task is started and observed only when released."""
+        """Build the sandboxes of the best ready tasks now, while the slots
+        are busy, so that each starts the moment a slot frees (the set-up
+        of a sandbox is time a slot would otherwise sit idle). The backend
+        says how many it wants prepared ahead (``_lookahead``). A held task
+        is started and observed only when released."""
         if self._stopping:
-            if self._held is not None:
-                self._backend.cancel(self._held)  # its result comes back CANCELLED
-                self._held = None
+            while self._held:
+                self._backend.cancel(self._held.pop())  # its result comes back CANCELLED
             return
-        while self._held is None and self._ready and not self._stopping:
+        while len(self._held) < self._lookahead() and self._ready and not self._stopping:
             name = heapq.heappop(self._ready)[2]
             try:
                 prepared = self._prepare(self._plan.tasks[name])
@@ -203,7 +207,7 @@ class Scheduler:
                 self._record(prepared)
                 continue
             self._backend.prestart(prepared)
-            self._held = name
+            self._held.append(name)
             self._unreleased.add(name)
             self._running[name] = self._clock.now()
 
@@ -227,6 +231,15 @@ class Scheduler:
                 self._ended.extend(self._backend.wait())
             except KeyboardInterrupt:
                 continue
+
+    def _lookahead(self) -> int:
+        """How many sandboxes the backend wants prepared ahead: its
+        ``lookahead`` attribute, read each time (a router learns it only
+        once it made the backend a task uses), at least 1. The namespace
+        sandbox wants 1 (its set-up is a few milliseconds); the docker
+        backend more, since the engine starts several containers at once
+        faster than one after another."""
+        return max(1, int(getattr(self._backend, "lookahead", 1)))
 
     @property
     def _stopping(self) -> bool:
@@ -274,8 +287,8 @@ class Scheduler:
             if ended.task in self._unreleased:
                 # Prepared ahead, never started: ``finish`` still cleans up.
                 self._unreleased.discard(ended.task)
-                if self._held == ended.task:
-                    self._held = None
+                if ended.task in self._held:
+                    self._held.remove(ended.task)
                 if ended.status is Status.CANCELLED:
                     with contextlib.suppress(HitzError):
                         self._finish(task, ended)

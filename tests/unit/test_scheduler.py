@@ -368,3 +368,112 @@ def test_a_prepared_task_waits_while_a_more_urgent_one_goes_first() -> None:
     run(BUILD, backend, jobs=1)
     assert backend.prestarted[0] == "lint"
     assert backend.started == ["compile", "link", "lint", "test"]
+
+
+# Several sandboxes prepared ahead (a backend's ``lookahead``)
+
+
+@dataclass
+class AheadBackend(FakeBackend):
+    """A fake that wants ``lookahead`` sandboxes prepared ahead, records the
+    most it held at once, and can fail a sandbox's set-up before release."""
+
+    lookahead: int = 3
+    max_held: int = 0
+    setup_fails: set[str] = field(default_factory=set)
+    _failed: list[str] = field(default_factory=list)
+
+    def prestart(self, spec: SandboxSpec) -> None:
+        if spec.task in self.setup_fails:
+            self.prestarted.append(spec.task)
+            self._failed.append(spec.task)
+            return
+        super().prestart(spec)
+        self.max_held = max(self.max_held, len(self.held))
+
+    def wait(self, timeout: float | None = None) -> list[SandboxResult]:
+        if self._failed and self.wait_calls + 1 not in self.interrupt_on_wait:
+            self.wait_calls += 1
+            failed, self._failed = self._failed, []
+            return [SandboxResult(name, Status.SETUP_FAILED, None, 0.0, message="no image")
+                    for name in failed]
+        return super().wait(timeout)
+
+    def running(self) -> int:
+        return super().running() + len(self._failed)
+
+
+def test_lookahead_one_holds_one_sandbox() -> None:
+    backend = AheadBackend(lookahead=1)
+    finished = run([task(f"t{i}") for i in range(5)], backend, jobs=1)
+    assert backend.max_held == 1
+    assert backend.prestarted == ["t1", "t2", "t3", "t4"]
+    assert finished.summary.ok
+
+
+def test_a_backend_with_lookahead_gets_that_many_prepared_ahead() -> None:
+    backend = AheadBackend(lookahead=3)
+    finished = run([task(f"t{i}") for i in range(6)], backend, jobs=2)
+    # t0 and t1 start at once; t2..t4 are prepared while they run, and t5
+    # as soon as one of those is released.
+    assert backend.prestarted == ["t2", "t3", "t4", "t5"]
+    assert backend.max_held == 3
+    assert backend.started == [f"t{i}" for i in range(6)]
+    assert backend.max_running == 2
+    assert finished.summary.ok
+    assert finished.summary.duration_s == 3.0  # six one-second tasks, two at a time
+
+
+def test_a_task_that_outranks_every_held_one_goes_first() -> None:
+    # lint is held while compile runs; compile's end makes link ready, which
+    # outranks lint: link starts first even though lint is prepared.
+    backend = AheadBackend(lookahead=2)
+    run(BUILD, backend, jobs=1)
+    assert backend.started == ["compile", "link", "lint", "test"]
+
+
+def test_ctrl_c_with_several_held_finishes_each_held_sandbox() -> None:
+    backend = AheadBackend(lookahead=3, interrupt_on_wait={1})
+    finished = run([task(f"t{i}") for i in range(6)], backend, jobs=1)
+    assert backend.prestarted == ["t1", "t2", "t3"]
+    assert backend.running() == 0
+    # Every sandbox, held or running, came back through ``finish`` (which
+    # removes its folders); none of the held ones was released.
+    assert sorted(finished.finisher.finished) == ["t0", "t1", "t2", "t3"]
+    assert backend.started == ["t0"]
+    assert [r.outcome for r in finished.summary.results] == [Outcome.CANCELLED] * 6
+    for name in ("t1", "t2", "t3", "t4", "t5"):
+        assert finished.result(name).message == "not started: the run was interrupted"
+
+
+def test_a_failure_cancels_every_held_sandbox() -> None:
+    backend = AheadBackend(lookahead=3).fail("t0")
+    finished = run([task(f"t{i}") for i in range(5)], backend, jobs=1)
+    assert backend.started == ["t0"]
+    assert backend.held == {}
+    assert sorted(finished.finisher.finished) == ["t0", "t1", "t2", "t3"]
+    for name in ("t1", "t2", "t3", "t4"):
+        assert finished.result(name).message == 'not started because ":t0" failed'
+
+
+def test_a_held_sandbox_whose_set_up_fails_is_never_released() -> None:
+    backend = AheadBackend(lookahead=2, setup_fails={"t1"})
+    finished = run([task(f"t{i}") for i in range(4)], backend, jobs=1, keep_going=True)
+    assert "t1" not in backend.started
+    assert backend.started == ["t0", "t2", "t3"]
+    assert finished.result("t1").status == "setup-failed"
+    assert finished.outcome("t1") is Outcome.FAILED
+    assert backend.max_running == 1
+    assert ("started", "t1") in finished.recorder.events  # reported as a task that ran
+
+
+def test_the_router_reports_the_largest_lookahead_of_the_backends_it_made() -> None:
+    from hitz.executor.backends import Router
+
+    router = Router({"namespace": lambda: AheadBackend(lookahead=1),
+                     "docker": lambda: AheadBackend(lookahead=4)})
+    assert router.lookahead == 1  # nothing made yet
+    router.backend("namespace")
+    assert router.lookahead == 1
+    router.backend("docker")
+    assert router.lookahead == 4
