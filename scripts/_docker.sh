@@ -11,7 +11,8 @@
 # The engine's log and pid file live in $HITZ_DOCKER_STATE (default: a
 # fresh temporary folder), so a failed start can be read afterwards.
 
-HITZ_DOCKER_PID=
+HITZ_DOCKER_PID=     # what ensure_docker started (as_root's subshell, or sudo)
+HITZ_DOCKER_PIDFILE= # where dockerd itself wrote its PID
 
 docker_answers() {
     docker version --format '{{.Server.Version}}' >/dev/null 2>&1
@@ -24,7 +25,11 @@ ensure_docker() {
     if docker_answers; then
         return 0
     fi
-    local state=${HITZ_DOCKER_STATE:-$(mktemp -d -t hitz-dockerd.XXXXXX)}
+    local state=${HITZ_DOCKER_STATE:-}
+    if [[ -z $state ]]; then
+        state=$(mktemp -d -t hitz-dockerd.XXXXXX)
+        HITZ_DOCKER_TMP=$state # removed by stop_docker: only its log is in it
+    fi
     mkdir -p "$state"
     echo "starting dockerd (log: $state/dockerd.log)" >&2
     # --bridge=none --iptables=false --ip-masq=false: no network set-up on
@@ -32,17 +37,19 @@ ensure_docker() {
     as_root dockerd --bridge=none --iptables=false --ip-masq=false \
         --pidfile "$state/dockerd.pid" >"$state/dockerd.log" 2>&1 &
     HITZ_DOCKER_PID=$!
+    HITZ_DOCKER_PIDFILE=$state/dockerd.pid
     local tries=0
     until docker_answers; do
         if ! kill -0 "$HITZ_DOCKER_PID" 2>/dev/null; then
             tail -n 20 "$state/dockerd.log" >&2
             echo "error: dockerd exited; its log is $state/dockerd.log" >&2
-            HITZ_DOCKER_PID=
+            HITZ_DOCKER_PID= HITZ_DOCKER_TMP=
             return 1
         fi
         tries=$((tries + 1))
         if ((tries > 300)); then # 30 s
             echo "error: dockerd did not answer within 30s; its log is $state/dockerd.log" >&2
+            HITZ_DOCKER_TMP= # keep the log the message names
             stop_docker
             return 1
         fi
@@ -51,9 +58,16 @@ ensure_docker() {
 }
 
 stop_docker() {
-    if [[ -n $HITZ_DOCKER_PID ]]; then
-        as_root kill "$HITZ_DOCKER_PID" 2>/dev/null || true
-        wait "$HITZ_DOCKER_PID" 2>/dev/null || true
-        HITZ_DOCKER_PID=
+    [[ -n $HITZ_DOCKER_PID ]] || return 0
+    local pid
+    pid=$(cat "$HITZ_DOCKER_PIDFILE" 2>/dev/null) || pid=
+    # The engine's own PID: $! is only the shell or sudo that started it.
+    as_root kill "${pid:-$HITZ_DOCKER_PID}" 2>/dev/null || true
+    # dockerd stops containerd and its containers before it exits.
+    wait "$HITZ_DOCKER_PID" 2>/dev/null || true
+    HITZ_DOCKER_PID= HITZ_DOCKER_PIDFILE=
+    if [[ -n ${HITZ_DOCKER_TMP:-} ]]; then
+        rm -rf "$HITZ_DOCKER_TMP"
+        HITZ_DOCKER_TMP=
     fi
 }
