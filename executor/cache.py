@@ -330,6 +330,9 @@ class TaskCache:
         if staging.exists():
             shutil.rmtree(staging)
         inside = len(rel) + 1
+        # A fresh checkout has no build/ yet (files and symlinks make their
+        # folders too); Destinations.check ruled out symlinked parents.
+        dest.parent.mkdir(parents=True, exist_ok=True)
         try:
             staging.mkdir()
             for folder in folders:  # parents before children: walk() lists them so

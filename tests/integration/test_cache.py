@@ -279,6 +279,18 @@ def test_directory_and_executable_outputs_round_trip_through_the_cache(project: 
     assert files_of(project, "gen", "bin") == made
 
 
+def test_a_directory_output_is_restored_where_its_parent_folder_is_gone(
+    project: Project,
+) -> None:
+    # A fresh checkout sharing the cache has no build/ folder at all.
+    project.write_manifest(task("t", "mkdir -p build/obj/lib && echo o > build/obj/lib/a.o",
+                                outputs=["build/obj/lib/"]))
+    ok(project.run())
+    remove(project, "build")
+    assert cached(ok(project.run())) == {"t"}
+    assert (project.root / "build/obj/lib/a.o").read_text() == "o\n"
+
+
 def test_a_restored_output_replaces_what_the_user_left_there(project: Project) -> None:
     project.write_manifest(task("t", "mkdir -p gen && echo ok > gen/a && echo ok > f.txt",
                                 outputs=["gen/", "f.txt"]))
