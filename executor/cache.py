@@ -69,6 +69,41 @@ def uncacheable_reason(task: TaskDef) -> str | None:
     return 'network = "host" tasks are not cached unless cache = true'
 
 
+def check_outputs(result: pb.ActionResult, command: pb.Command) -> None:
+    """Raise ``ValueError`` unless ``result`` holds exactly the outputs ``command``
+    declares: each file as a file (or a symlink in its place, in
+    ``output_symlinks``, the field hitz restores), each directory as a tree.
+    Another path would be written where the task has no business writing; a
+    missing one would be a hit that leaves an output missing."""
+    files = set(command.output_files)
+    folders = set(command.output_directories)
+    links = {s.path for s in result.output_symlinks}
+    for kind, paths, allowed in (
+            ("file", [f.path for f in result.output_files], files),
+            ("directory", [d.path for d in result.output_directories], folders),
+            ("symlink", links, files),
+            # REAPI 2.0's symlink fields: only as copies of output_symlinks.
+            ("symlink", [s.path for s in result.output_file_symlinks], links),
+            ("symlink", [s.path for s in result.output_directory_symlinks], links)):
+        for path in paths:
+            if path not in allowed:
+                raise ValueError(f"it names the output {kind} {path!r}, "
+                                 "which the task does not declare")
+    present = {f.path for f in result.output_files} | links \
+        | {d.path for d in result.output_directories}
+    for path in sorted((files | folders) - present):
+        raise ValueError(f"it lacks the declared output {path!r}")
+
+
+def check_names(directory: pb.Directory) -> None:
+    """Raise ``ValueError`` unless every entry of ``directory`` has a plain name."""
+    names = [*(f.name for f in directory.files), *(d.name for d in directory.directories),
+             *(s.name for s in directory.symlinks)]
+    for name in names:
+        if name in ("", ".", "..") or "/" in name or "\0" in name:
+            raise ValueError(f"a tree holds the name {name!r}, not a plain file name")
+
+
 class Destinations:
     """Where outputs may be written: inside the project for real.
 
@@ -174,7 +209,18 @@ class TaskCache:
             if result.exit_code != 0:
                 self._miss(task, ["the cached result is a failure"])
                 return None
+            try:
+                # `hitz cache serve` lets its clients write results into this
+                # store: a result is checked here, not trusted for being local.
+                check_outputs(result, key.command)
+            except ValueError:
+                self._miss(task, ["the cached result's outputs are not the task's declared "
+                                  "outputs"])
+                return None
             return self._restore(task, result)
+        except ValueError as exc:  # check_names (a tree naming ".." or "a/b"), a bad digest
+            self._miss(task, [f"the cached result cannot be restored: {exc}"])
+            return None
         except BlobMissing:
             self._miss(task, ["a cached output is missing from the cache"])
             return None
@@ -187,7 +233,7 @@ class TaskCache:
         """The remote's result for ``key``, its blobs now in the store; None on a miss."""
         if self.remote is None or self.store is None:
             return None
-        return self.remote.fetch(task.name, key.digest, self.store)
+        return self.remote.fetch(task.name, key.digest, self.store, key.command)
 
     def flush(self, *, drop: bool = False) -> None:
         """Wait (boundedly) for the remote uploads of this run; close the remote.
@@ -311,6 +357,7 @@ class TaskCache:
         folders: list[str] = []
 
         def walk(directory: pb.Directory, prefix: str) -> None:
+            check_names(directory)
             for f in directory.files:
                 files[f"{prefix}/{f.name}"] = (Digest(f.digest.hash, f.digest.size_bytes),
                                                f.is_executable)

@@ -96,6 +96,7 @@ REQUEST_OVERHEAD = 1024
 # never answers must not hold a run for long before hitz goes on without it.
 CONTACT_TIMEOUT_S = 5.0
 MIN_STREAM_RATE = 1 << 20  # bytes/s a stream is allowed on top of timeout_s for its deadline
+READ_GROUP_BYTES = 32 << 20  # read_blob_groups: blobs held in memory at once, at most
 TRANSFERS = 8  # blobs or batches moved at once by upload_missing and read_blobs
 MESSAGE_LIMIT = 64 << 20  # what the channel accepts from a server (a generous batch response)
 OUR_API = ((2, 0), (2, 3))  # the REAPI versions these protos speak
@@ -513,6 +514,22 @@ class RemoteCache:
         jobs += [partial(stream, d) for d in wanted if d.size and not self.fits_batch(d)]
         self._all(jobs)
         return found
+
+    def read_blob_groups(self, digests: Iterable[Digest], limit: int = READ_GROUP_BYTES
+                         ) -> Iterator[dict[Digest, bytes]]:
+        """``read_blobs`` of ``digests`` a group of at most ``limit`` bytes at a
+        time (a blob bigger than that alone): concurrent within a group, and
+        never more than a group in memory, however many blobs are asked."""
+        group: list[Digest] = []
+        size = 0
+        for digest in dict.fromkeys(digests):
+            if group and size + digest.size > limit:
+                yield self.read_blobs(group)
+                group, size = [], 0
+            group.append(digest)
+            size += digest.size
+        if group:
+            yield self.read_blobs(group)
 
     def _batch_read(self, digests: list[Digest]) -> dict[Digest, bytes]:
         """One BatchReadBlobs; every blob verified, retryable failures asked again."""

@@ -359,7 +359,9 @@ class Download:
     def _run(self, sink: _Sink) -> None:
         if self.digest.size:
             c = self.client
-            c._call("ByteStream.Read", lambda n: self._attempt(n, sink), lambda: self.received)
+            # A broken compressed Read starts over: how far it got is not progress kept.
+            progress = None if self.zstd else (lambda: self.received)
+            c._call("ByteStream.Read", lambda n: self._attempt(n, sink), progress)
             c.stats.add(downloaded=1, streamed=1)
         sink.check()
 

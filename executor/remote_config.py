@@ -125,6 +125,7 @@ def load_token(*, env: str | None = None, file: str | os.PathLike[str] | None = 
                 f"the remote cache token variable `{env}` is not set",
                 hint=f"export {env}=..., or drop `token_env` from `[cache]`",
                 reason=RemoteErrorReason.UNAUTHENTICATED)
+        _check_token(token, f"variable `{env}`")
         return token
     if file:
         try:
@@ -137,5 +138,18 @@ def load_token(*, env: str | None = None, file: str | os.PathLike[str] | None = 
         if not token:
             raise RemoteError(f"the remote cache token file `{os.fspath(file)}` is empty",
                               reason=RemoteErrorReason.UNAUTHENTICATED)
+        _check_token(token, f"file `{os.fspath(file)}`")
         return token
     return None
+
+
+def _check_token(token: str, where: str) -> None:
+    """Refuse a token gRPC would refuse on every call ("Invalid metadata", and a
+    log line of its own), saying where it came from (never the token)."""
+    from hitz.executor.remote_errors import RemoteError, RemoteErrorReason
+
+    if not all("\x20" <= c <= "\x7e" for c in token):
+        raise RemoteError(
+            f"the remote cache token {where} holds characters an `authorization` header "
+            "can't carry (only printable ASCII)",
+            reason=RemoteErrorReason.UNAUTHENTICATED)

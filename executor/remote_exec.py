@@ -43,6 +43,7 @@ what isolates the task.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import posixpath
 import queue
@@ -51,8 +52,9 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent import futures
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from hitz.executor.errors import HitzError, ManifestError, ManifestErrorReason, Reason
 from hitz.sandbox.outputs import OutputRejected, collect
@@ -79,11 +81,14 @@ __all__ = [
     "settings_for",
 ]
 
+log = logging.getLogger(__name__)
+
 ENV_VAR = "HITZ_REMOTE_EXECUTOR"
 # How long a task may wait in the remote's queue on top of its own timeout
 # before hitz gives up on it (and cancels the operation).
 QUEUE_ALLOWANCE_S = 600.0
 STREAM_RETRIES = 4  # times a dropped Execute/WaitExecution stream is resumed
+CANCEL_S = 5.0  # the deadline of the CancelOperation calls of an interrupted run, together
 WORKERS = 64  # threads following operations: each waits on the network, not a CPU
 WEAKENED = "sandbox: the remote executor's own, not hitz's policy"
 
@@ -228,6 +233,8 @@ class RemoteBackend:
         self._remote: RemoteCache | None = None
         self._failure: HitzError | None = None  # why connecting failed; every task gets it
         self._closed = False
+        # CancelOperation calls sent, their answers not awaited (see close).
+        self._cancels: list[grpc.Future[Any]] = []
 
     # --- the SandboxBackend protocol --------------------------------------------------
 
@@ -283,6 +290,13 @@ class RemoteBackend:
         self._pool.shutdown(wait=True)
         with self._lock:
             remote, self._remote = self._remote, None
+            cancels, self._cancels = self._cancels, []
+        # Give the CancelOperation calls a moment, all together, before the
+        # channel closes under them.
+        until = time.monotonic() + CANCEL_S
+        for future in cancels:
+            with contextlib.suppress(Exception):
+                future.result(timeout=max(0.0, until - time.monotonic()))
         if remote is not None:
             remote.close()
 
@@ -294,7 +308,10 @@ class RemoteBackend:
         with self._lock:
             call, name, remote = job.call, job.operation, self._remote
         if name and remote is not None:
-            _cancel_operation(remote, name)
+            future = _cancel_operation(remote, name)
+            if future is not None:
+                with self._lock:
+                    self._cancels.append(future)
         if call is not None:
             call.cancel()
 
@@ -317,6 +334,15 @@ class RemoteBackend:
                 job, Status.SETUP_FAILED, None,
                 f"cannot write the remote result of `:{job.spec.task}`: "
                 f"{exc.strerror or exc} ({exc.filename or ''})")
+        except Exception as exc:
+            # A bug, or an answer of the remote's that nothing above expected:
+            # the task still gets a result (a worker thread that ends without
+            # one leaves the run waiting forever), and the traceback is logged.
+            log.exception("remote execution of :%s", job.spec.task)
+            result = self._result(
+                job, Status.SETUP_FAILED, None,
+                f"remote execution of `:{job.spec.task}` on {self.settings.url} failed: "
+                f"{type(exc).__name__}: {exc}")
         if not job.started:
             job.started = begun
         self._results.put(result)
@@ -502,9 +528,12 @@ def _check_execution(remote: RemoteCache) -> None:
             reason=RemoteExecErrorReason.NO_EXECUTION)
 
 
-def _cancel_operation(remote: RemoteCache, name: str) -> None:
-    """Ask the server to stop operation ``name``; a server without Operations,
-    or one that already forgot it, is fine: the stream is dropped anyway."""
+def _cancel_operation(remote: RemoteCache, name: str) -> grpc.Future[Any] | None:
+    """Ask the server to stop operation ``name``, without waiting for its answer:
+    an interrupted run cancels all its operations at once, and a slow server
+    must not hold it a deadline per task. A server without Operations, or one
+    that already forgot the operation, is fine: the stream is dropped anyway.
+    Returns the call (``close`` gives it a moment), None if it could not start."""
     from google.longrunning import operations_proto_pb2
     from google.protobuf import empty_pb2
 
@@ -513,9 +542,13 @@ def _cancel_operation(remote: RemoteCache, name: str) -> None:
         "/google.longrunning.Operations/CancelOperation",
         request_serializer=operations_proto_pb2.CancelOperationRequest.SerializeToString,
         response_deserializer=empty_pb2.Empty.FromString)
-    with contextlib.suppress(RemoteExecError), _rpc_errors(remote.url, "CancelOperation"):
-        cancel(operations_proto_pb2.CancelOperationRequest(name=name),
-               timeout=remote.timeout_s, metadata=remote.metadata)
+    try:
+        future: grpc.Future[Any] = cancel.future(
+            operations_proto_pb2.CancelOperationRequest(name=name),
+            timeout=min(remote.timeout_s, CANCEL_S), metadata=remote.metadata)
+    except ValueError:  # the channel is closed: nothing to tell the server any more
+        return None
+    return future
 
 
 def _response_of(url: str, operation: Operation) -> re_pb2.ExecuteResponse:
@@ -639,6 +672,8 @@ def _materialize(remote: RemoteCache, result: re_pb2.ActionResult, spec: Sandbox
 
 def _plan_trees(remote: RemoteCache, plan: _Plan,
                 trees: list[tuple[str, re_pb2.Digest]]) -> None:
+    from google.protobuf.message import DecodeError
+
     from hitz.executor.actions import digest_of
     from hitz.executor.store import Digest
     from hitz.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
@@ -646,7 +681,13 @@ def _plan_trees(remote: RemoteCache, plan: _Plan,
     wanted = {Digest(wire.hash, wire.size_bytes) for _, wire in trees}
     blobs = remote.read_blobs(wanted) if wanted else {}
     for top, wire in trees:
-        tree = re_pb2.Tree.FromString(blobs[Digest(wire.hash, wire.size_bytes)])
+        try:
+            tree = re_pb2.Tree.FromString(blobs[Digest(wire.hash, wire.size_bytes)])
+        except DecodeError:
+            raise RemoteExecError(
+                f'remote executor {remote.url} sent a tree of output "{top}/" that is not a '
+                "REAPI Tree",
+                reason=RemoteExecErrorReason.BAD_RESULT) from None
         children = {digest_of(child)[0]: child for child in tree.children}
         pending = [(top, tree.root)]
         while pending:
@@ -669,22 +710,37 @@ def _write_plan(remote: RemoteCache, plan: _Plan) -> None:
     for folder in plan.dirs:
         os.makedirs(folder, exist_ok=True)
     small = [d for d in plan.files if remote.fits_batch(d)]
-    contents = remote.read_blobs(small) if small else {}
+    # Small blobs are read concurrently, a bounded group at a time, and each
+    # written as soon as its group is in; the others are streamed.
+    for contents in remote.read_blob_groups(small):
+        for digest, data in contents.items():
+            _write_copies(plan.files[digest], partial(_write_bytes, data=data))
     for digest, places in plan.files.items():
-        first, executable = places[0]
-        os.makedirs(os.path.dirname(first), exist_ok=True)
-        if digest in contents:
-            with open(first, "wb") as f:
-                f.write(contents[digest])
-        else:
-            remote.download_file(digest, first)
-        os.chmod(first, 0o755 if executable else 0o644)
-        for path, executable in places[1:]:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(first, "rb") as src, open(path, "wb") as dst:
-                while chunk := src.read(1 << 20):
-                    dst.write(chunk)
-            os.chmod(path, 0o755 if executable else 0o644)
+        if not remote.fits_batch(digest):
+            _write_copies(places, partial(_download, remote, digest))
     for path, target in plan.links:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         os.symlink(target, path)
+
+
+def _write_bytes(path: str, *, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def _download(remote: RemoteCache, digest: Digest, path: str) -> None:
+    remote.download_file(digest, path)
+
+
+def _write_copies(places: list[tuple[str, bool]], write: Callable[[str], object]) -> None:
+    """Write a blob at the first of ``places`` with ``write``, copy it to the others."""
+    first, executable = places[0]
+    os.makedirs(os.path.dirname(first), exist_ok=True)
+    write(first)
+    os.chmod(first, 0o755 if executable else 0o644)
+    for path, executable in places[1:]:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(first, "rb") as src, open(path, "wb") as dst:
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+        os.chmod(path, 0o755 if executable else 0o644)

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING
 from google.protobuf.message import DecodeError
 
 from hitz.executor import store_gc
+from hitz.executor.cache import check_names, check_outputs
 from hitz.executor.errors import BlobMissing, CacheError
 from hitz.executor.remote_config import RemoteCacheSettings, load_token, timeout_s
 from hitz.executor.store import Digest, Store
@@ -136,11 +137,18 @@ class RemoteTier:
 
     # --- lookups ------------------------------------------------------------------------
 
-    def fetch(self, name: str, action: Digest, store: Store) -> pb.ActionResult | None:
+    def fetch(self, name: str, action: Digest, store: Store,
+              command: pb.Command | None = None) -> pb.ActionResult | None:
         """The remote's successful result for ``action``, with every blob it names
         now in ``store`` (and the result recorded there too); None on a miss, a
         failed result, a blob the remote lacks or sends wrong, or a tier that
-        is off. Raises ``CacheUnavailable`` if the local store fails."""
+        is off. Raises ``CacheUnavailable`` if the local store fails.
+
+        A result is not verifiable like a blob: the remote says which outputs
+        go where. With ``command`` (the task's), a result naming anything but
+        its declared outputs is a miss; and a result whose trees hold a name
+        that is not a plain file name ("..", "a/b") is always one. Either would
+        write a file the task does not own, maybe outside the project."""
         from hitz.executor.remote_errors import RemoteBlobMissing
         from hitz.executor.store import CacheUnavailable
 
@@ -151,6 +159,8 @@ class RemoteTier:
             result = client.get_action_result(action)
             if result is None or result.exit_code != 0:
                 return None
+            if command is not None:
+                check_outputs(result, command)
             self._download(client, result, store)
         except RemoteBlobMissing as exc:  # corrupt included: this result is not usable
             log.info("remote cache: %s: %s", name, exc.message)
@@ -181,6 +191,7 @@ class RemoteTier:
         for tree_digest in trees:
             tree = pb.Tree.FromString(store.read_bytes(tree_digest))
             for directory in (tree.root, *tree.children):
+                check_names(directory)
                 files += [_digest(f.digest) for f in directory.files]
         self._get(client, store, files)
 
@@ -189,8 +200,10 @@ class RemoteTier:
         if not missing:
             return
         small = [d for d in missing if client.fits_batch(d)]
-        for data in client.read_blobs(small).values():
-            store.put_bytes(data)
+        # Read concurrently, but a group at a time (not all in memory at once).
+        for group in client.read_blob_groups(small):
+            for data in group.values():
+                store.put_bytes(data)
         for digest in missing:
             if client.fits_batch(digest):
                 continue
@@ -201,7 +214,10 @@ class RemoteTier:
             with cache_io(store.folder):
                 fd, temp = store_gc.new_temp(os.path.join(store.root, "tmp"))
             try:
-                client.download_to(digest, fd)
+                # Writing the temp file is the local store's I/O: its errors
+                # (a full disk) are the store's, not the remote's.
+                with cache_io(store.folder):
+                    client.download_to(digest, fd)
                 store.put_file(temp)
             finally:
                 with cache_io(store.folder):

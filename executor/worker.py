@@ -230,6 +230,11 @@ class Worker:
         except OSError as exc:
             done.status.code = code_pb2.INTERNAL
             done.status.message = f"hitz worker: {exc.strerror or exc}: {exc.filename or ''}"
+        except Exception as exc:
+            # A blob that is not the message it should be (DecodeError), or a
+            # bug: the lease still ends, else it would hold its job slot forever.
+            done.status.code = code_pb2.INTERNAL
+            done.status.message = f"hitz worker: {type(exc).__name__}: {exc}"
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         self._log(f"worker: lease {running.lease.id} done: status {done.status.code}")
@@ -292,6 +297,16 @@ class Worker:
             folder, digest = pending.pop()
             folder.mkdir(mode=0o755)
             directory = re_pb2.Directory.FromString(self.remote.read_blob(digest))
+            # REAPI: names are unique in a Directory. A symlink named like a
+            # file or folder beside it would carry that file's write (or the
+            # folder's contents) out of ``root``, onto this host.
+            names = [*(f.name for f in directory.files),
+                     *(d.name for d in directory.directories),
+                     *(s.name for s in directory.symlinks)]
+            if len(set(names)) != len(names):
+                twice = sorted({n for n in names if names.count(n) > 1})
+                raise WorkerError(f'the server sent an input folder naming "{twice[0]}" '
+                                  "twice", reason=WorkerErrorReason.REFUSED)
             for node in directory.files:
                 _check_name(node.name)
                 files.setdefault(Digest(node.digest.hash, node.digest.size_bytes), []).append(
@@ -303,13 +318,21 @@ class Worker:
                 _check_name(sub.name)
                 pending.append((folder / sub.name, Digest(sub.digest.hash, sub.digest.size_bytes)))
         small = [d for d in files if self.remote.fits_batch(d)]
-        contents = self.remote.read_blobs(small) if small else {}
+        # Small blobs a bounded group at a time (never all in memory at once).
+        for contents in self.remote.read_blob_groups(small):
+            for digest, data in contents.items():
+                for path, executable in files[digest]:
+                    # A new file, never one that is there (nor a symlink).
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                                 | os.O_CLOEXEC, 0o644)
+                    with open(fd, "wb") as f:
+                        f.write(data)
+                    path.chmod(0o755 if executable else 0o644)
         for digest, places in files.items():
+            if self.remote.fits_batch(digest):
+                continue
             for path, executable in places:
-                if digest in contents or not digest.size:
-                    path.write_bytes(contents.get(digest, b""))
-                else:
-                    self.remote.download_file(digest, path)
+                self.remote.download_file(digest, path)
                 path.chmod(0o755 if executable else 0o644)
         root.chmod(0o755)
         return [InputMount(str(root / name), name, (root / name).is_dir())

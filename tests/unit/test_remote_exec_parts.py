@@ -280,3 +280,217 @@ def _spec(tmp_path: Path, inputs: tuple[InputMount, ...] = ()) -> SandboxSpec:
                        staging_dir=str(staging), stdout_path=str(tmp_path / "out"),
                        stderr_path=str(tmp_path / "err"), backend="remote")
 
+
+
+# --- a result hitz cannot read ----------------------------------------------------------------
+
+
+class _TreeRemote:
+    """Just enough of a RemoteCache for ``_settle``: every blob read is ``blob``."""
+
+    url = "grpc://fake:1"
+
+    def __init__(self, blob: bytes) -> None:
+        self.blob = blob
+
+    def upload_missing(self, _blobs: object) -> int:
+        return 0
+
+    def read_blobs(self, digests: Any) -> dict[Digest, bytes]:
+        return {d: self.blob for d in digests}
+
+    def fits_batch(self, _digest: Digest) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+def test_an_output_tree_that_is_not_a_tree_fails_the_task_and_never_hangs_the_run(
+        tmp_path: Path) -> None:
+    """A remote whose "tree" of an output directory does not parse: the task
+    fails with a message naming the remote, and ``wait`` gets its result (an
+    error escaping the worker thread would leave the run waiting forever)."""
+    key = build_key(TaskDef("t", ("true",), outputs=("out/",)), {}, [], {})
+    backend = RemoteBackend(RemoteSettings("grpc://fake:1"), lambda _t: key)
+    backend._remote = _TreeRemote(b"\xff\xff\xff not a tree")  # type: ignore[assignment]
+    response = re_pb2.ExecuteResponse(result=re_pb2.ActionResult(exit_code=0))
+    response.result.output_directories.add(
+        path="out", tree_digest=re_pb2.Digest(hash="ab" * 32, size_bytes=17))
+    backend._follow = lambda _job, _remote: response  # type: ignore[method-assign]
+    spec = SandboxSpec(task="t", argv=("true",), env={}, inputs=(), outputs=("out/",),
+                       staging_dir=str(tmp_path), stdout_path=str(tmp_path / "o"),
+                       stderr_path=str(tmp_path / "e"), backend="remote")
+    try:
+        backend.start(spec)
+        results = backend.wait(timeout=10)
+    finally:
+        backend.close()
+    assert [(r.task, r.status.value) for r in results] == [("t", "setup-failed")]
+    assert "grpc://fake:1" in (results[0].message or "")
+
+
+def test_an_unexpected_error_on_the_worker_thread_is_a_result_not_a_hang(
+        tmp_path: Path) -> None:
+    class Broken(_TreeRemote):
+        def upload_missing(self, _blobs: object) -> int:
+            raise RuntimeError("something nobody expected")
+
+    key = build_key(TaskDef("t", ("true",)), {}, [], {})
+    backend = RemoteBackend(RemoteSettings("grpc://fake:1"), lambda _t: key)
+    backend._remote = Broken(b"")  # type: ignore[assignment]
+    try:
+        backend.start(_spec(tmp_path))
+        results = backend.wait(timeout=10)
+    finally:
+        backend.close()
+    assert [(r.task, r.status.value, r.message) for r in results] == [
+        ("t", "setup-failed", "remote execution of `:t` on grpc://fake:1 failed: "
+                              "RuntimeError: something nobody expected")]
+
+
+# --- the worker's input root and leases -------------------------------------------------------
+
+
+class _CasRemote:
+    """Just enough of a RemoteCache for the worker's staging: a dict of blobs."""
+
+    url = "grpc://fake:1"
+    instance = ""
+    metadata = ()
+
+    def __init__(self) -> None:
+        self.blobs: dict[Digest, bytes] = {}
+        self.channel = grpc.insecure_channel("127.0.0.1:1")  # never called
+
+    def put(self, data: bytes) -> re_pb2.Digest:
+        digest = Digest.of(data)
+        self.blobs[digest] = data
+        return re_pb2.Digest(hash=digest.hash, size_bytes=digest.size)
+
+    def read_blob(self, digest: Digest) -> bytes:
+        return self.blobs[digest]
+
+    def read_blobs(self, digests: Any) -> dict[Digest, bytes]:
+        return {d: self.blobs[d] for d in digests}
+
+    def read_blob_groups(self, digests: Any) -> Iterator[dict[Digest, bytes]]:
+        yield self.read_blobs(digests)
+
+    def fits_batch(self, _digest: Digest) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("kind", ["file", "directory"])
+def test_the_worker_refuses_an_input_root_whose_symlink_shadows_a_file(
+        tmp_path: Path, kind: str) -> None:
+    """A Directory naming a symlink and a file (or folder) alike: writing the file
+    would follow the symlink out of the lease's folder, onto the worker's host."""
+    from hitz.executor.worker import Worker, WorkerError
+
+    victim = tmp_path / "victim"
+    victim.write_text("the worker host's file\n")
+    victim.chmod(0o600)
+    remote = _CasRemote()
+    node = re_pb2.FileNode(name="x", digest=remote.put(b"evil\n"))
+    link = re_pb2.SymlinkNode(name="x", target=str(victim))
+    if kind == "file":
+        root = re_pb2.Directory(files=[node], symlinks=[link])
+    else:
+        sub = remote.put(re_pb2.Directory(files=[re_pb2.FileNode(
+            name="y", digest=remote.put(b"evil\n"))]).SerializeToString(deterministic=True))
+        root = re_pb2.Directory(directories=[re_pb2.DirectoryNode(name="x", digest=sub)],
+                                symlinks=[link])
+    wire = remote.put(root.SerializeToString(deterministic=True))
+    (tmp_path / "work").mkdir()
+    worker = Worker(remote, work_dir=tmp_path / "work")  # type: ignore[arg-type]
+    try:
+        with pytest.raises(WorkerError, match='"x"'):
+            worker._stage_inputs(wire, tmp_path / "work" / "root")
+    finally:
+        remote.channel.close()
+    assert victim.read_text() == "the worker host's file\n"
+    assert victim.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_lease_the_worker_cannot_read_is_completed_with_an_error(tmp_path: Path) -> None:
+    """A lease whose Command blob is not a Command: reported INTERNAL, not a
+    lease thread that dies and holds the worker's only job slot forever."""
+    from google.rpc import code_pb2
+
+    from hitz.executor.worker import Worker, _Running
+
+    remote = _CasRemote()
+    action = re_pb2.Action(command_digest=remote.put(b"\xff\xff not a Command"),
+                           input_root_digest=remote.put(b""))
+    lease = bots_pb2.Lease(id="l1", state=bots_pb2.LeaseState.ACTIVE)
+    lease.payload.Pack(action)
+    (tmp_path / "work").mkdir()
+    worker = Worker(remote, work_dir=tmp_path / "work")  # type: ignore[arg-type]
+    running = _Running(lease, threading.current_thread(), cancel=threading.Event())
+    try:
+        worker._run_lease(running)
+    finally:
+        remote.channel.close()
+    assert running.done is not None
+    assert running.done.state == bots_pb2.LeaseState.COMPLETED
+    assert running.done.status.code == code_pb2.INTERNAL
+    assert "Command" in running.done.status.message
+    assert list((tmp_path / "work").iterdir()) == []
+
+
+def test_cancelling_many_operations_does_not_wait_on_each_answer(tmp_path: Path) -> None:
+    """Ctrl-C with several remote tasks running: their CancelOperation calls go
+    out at once, not one after the other each waiting for the server's answer
+    (a slow server would hold the interrupted run a whole deadline per task)."""
+    from google.protobuf import empty_pb2
+
+    release = threading.Event()
+    lock = threading.Lock()
+    pending: list[int] = [0, 0]  # calls the client still waits on, most at once
+
+    def ended() -> None:
+        with lock:
+            pending[0] -= 1
+
+    def cancel_operation(_request: Any, context: Any) -> empty_pb2.Empty:
+        with lock:
+            pending[0] += 1
+            pending[1] = max(pending)
+        context.add_callback(ended)  # the call ends: answered, or the client gave up
+        release.wait(30)
+        return empty_pb2.Empty()
+
+    server = grpc.server(futures.ThreadPoolExecutor(8))
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+        "google.longrunning.Operations", {"CancelOperation": grpc.unary_unary_rpc_method_handler(
+            cancel_operation,
+            request_deserializer=operations_proto_pb2.CancelOperationRequest.FromString,
+            response_serializer=empty_pb2.Empty.SerializeToString)})])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+
+    class Remote(_TreeRemote):
+        metadata = ()
+        timeout_s = 5.0
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+
+    key = build_key(TaskDef("t", ("true",)), {}, [], {})
+    backend = RemoteBackend(RemoteSettings("grpc://fake:1"), lambda _t: key)
+    backend._remote = Remote(b"")  # type: ignore[assignment]
+    jobs = [_Job(_spec(tmp_path), key, operation=f"ops/{n}") for n in range(3)]
+    try:
+        for job in jobs:
+            backend._cancel(job)
+        for _ in range(300):  # until the three calls are in, or 30 s at most
+            with lock:
+                if pending[1] == 3:
+                    break
+            time.sleep(0.1)
+        with lock:
+            assert pending[1] == 3
+    finally:
+        release.set()
+        backend.close()
+        Remote.channel.close()
+        server.stop(None)

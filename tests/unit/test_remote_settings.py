@@ -113,3 +113,25 @@ def test_the_environment_overrides_the_manifests_timeout() -> None:
     assert timeout_s(30.0, {ENV_TIMEOUT: "2.5"}) == 2.5
     for junk in ("", "abc", "0", "-1", "nan", "inf"):
         assert timeout_s(30.0, {ENV_TIMEOUT: junk}) == 30.0, junk
+
+
+@pytest.mark.parametrize("token", ["two\nlines", "tab\there", "caf\u00e9"])
+def test_a_token_a_header_cannot_carry_is_refused_by_name(tmp_path: Path, token: str) -> None:
+    """gRPC refuses such a header on every call ("Invalid metadata"); hitz
+    says what is wrong with the token, naming where it came from, never the token."""
+    from hitz.executor.remote_config import load_token
+    from hitz.executor.remote_errors import RemoteError, RemoteErrorReason
+
+    (tmp_path / "token").write_text(token + "\n")
+    with pytest.raises(RemoteError) as info:
+        load_token(file=tmp_path / "token")
+    assert info.value.message == (
+        f"the remote cache token file `{tmp_path / 'token'}` holds characters an "
+        "`authorization` header can't carry (only printable ASCII)")
+    assert info.value.reason is RemoteErrorReason.UNAUTHENTICATED
+    with pytest.raises(RemoteError) as info:
+        load_token(env="T", environ={"T": token})
+    assert info.value.message == (
+        "the remote cache token variable `T` holds characters an `authorization` header "
+        "can't carry (only printable ASCII)")
+    assert token not in str(info.value)
