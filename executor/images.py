@@ -265,13 +265,19 @@ def _build(
 def _fetch(definition: Definition, folder: Path, packages: list[LockedPackage],
            architecture: str, apt: Apt | None) -> dict[str, Path]:
     """Every package's .deb from the download cache, fetching the missing
-    ones (exact versions) and checking each against its sha256."""
-    import hashlib
-
+    ones (exact versions) and checking each against its sha256. A cached
+    .deb is checked too: one whose bytes are not its name's (a disk error,
+    a half-copied cache) is removed and fetched again, never unpacked."""
     debs = folder / "debs"
     debs.mkdir(parents=True, exist_ok=True)
     found = {p.sha256: debs / f"{p.sha256}.deb" for p in packages}
-    missing = [p for p in packages if not found[p.sha256].exists()]
+    missing = []
+    for p in packages:
+        path = found[p.sha256]
+        if path.exists() and _sha256_of(path) == p.sha256:
+            continue
+        path.unlink(missing_ok=True)
+        missing.append(p)
     if not missing:
         return found
     if apt is None:
@@ -282,13 +288,7 @@ def _fetch(definition: Definition, folder: Path, packages: list[LockedPackage],
     incoming.mkdir(parents=True)
     try:
         apt.download(missing, incoming)
-        got = {}
-        for path in incoming.iterdir():
-            sha = hashlib.sha256()
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    sha.update(block)
-            got[sha.hexdigest()] = path
+        got = {_sha256_of(path): path for path in incoming.iterdir()}
         for p in missing:
             if p.sha256 not in got:
                 raise ImageError(
@@ -302,6 +302,16 @@ def _fetch(definition: Definition, folder: Path, packages: list[LockedPackage],
     finally:
         shutil.rmtree(incoming, ignore_errors=True)
     return found
+
+
+def _sha256_of(path: Path) -> str:
+    import hashlib
+
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()
 
 
 def _name_link(folder: Path, name: str, hexdigest: str) -> None:
@@ -395,6 +405,12 @@ def remove_image(name: str, project_root: Path, cache_root: Path) -> list[str]:
     """Remove image NAME's builds from the cache (and its Docker tags when
     the engine is reachable); the pin in hitz.lock stays, so the next build
     gives the same image. Returns what was removed, for the user."""
+    from hitz.executor.images_def import NAME_PATTERN
+
+    if not NAME_PATTERN.fullmatch(name):
+        # names/NAME is unlinked below: a NAME with "/" or ".." would name
+        # a file outside the cache. find_definition refuses it in words.
+        find_definition(project_root, name)
     folder = images_folder(cache_root)
     link = folder / "names" / name
     removed: list[str] = []
@@ -412,7 +428,11 @@ def remove_image(name: str, project_root: Path, cache_root: Path) -> list[str]:
             for p in (folder / "names").iterdir() if p.is_symlink() and p.name != name
         }
         link.unlink(missing_ok=True)
-        if target is not None and target.exists() and target not in others:
+        # Only a build of this cache: a link pointing anywhere else (edited
+        # by hand, a damaged cache) is dropped, never followed into rmtree.
+        built = (folder / "built").resolve()
+        if (target is not None and target.parent == built and target.exists()
+                and target not in others):
             remove_tree(target)
             removed.append(f"sha256:{target.name}")
     removed += _docker_untag(name)
@@ -474,12 +494,33 @@ def ensure_in_docker(built: BuiltImage) -> str:
                 return str(found.id)
         except docker.errors.ImageNotFound:
             pass
+        _check_tar(built)
         repository, tag = built.docker_tag.split(":")
         client.api.import_image_from_file(
             str(built.tar), repository=repository, tag=tag,
             changes=[f"LABEL {DIGEST_LABEL}={built.digest}", "CMD [\"/bin/sh\"]"],
         )
         return str(client.images.get(built.docker_tag).id)
+
+
+def _check_tar(built: BuiltImage) -> None:
+    """The tar's bytes are the digest's: the import labels the engine's
+    image with the digest, which stands for the image in every cache key.
+    Raises ImageError (DIGEST_MISMATCH) otherwise."""
+    try:
+        actual = "sha256:" + _sha256_of(built.tar)
+    except OSError as exc:
+        raise ImageError(f"cannot read image `{built.name}` in the cache: {exc.strerror}",
+                         hint=f"`hitz image rm {built.name}`, then build it again",
+                         reason=ImageErrorReason.IO_ERROR) from exc
+    if actual != built.digest:
+        raise ImageError(
+            f"the cached tar of image `{built.name}` is damaged: its bytes are not"
+            f" {built.digest[:19]}…",
+            detail=f"  file:   {built.tar}\n  sha256: {actual}",
+            hint=f"`hitz image rm {built.name}`, then build it again",
+            reason=ImageErrorReason.DIGEST_MISMATCH,
+        )
 
 
 def _docker_image(reference: str) -> Image:

@@ -351,13 +351,16 @@ def read_lock(path: Path) -> dict[str, LockedImage]:
             raise ValueError(f"unknown lock version {raw.get('version')!r}")
         images = {}
         for name, entry in raw.get("images", {}).items():
+            if not NAME_PATTERN.fullmatch(name):
+                raise ValueError(f"image name {name!r} is not well formed")
             packages = tuple(
-                LockedPackage(p["name"], p["version"], p["architecture"], p["sha256"],
-                              int(p["size"]))
+                LockedPackage(_locked(p, "name"), _locked(p, "version"),
+                              _locked(p, "architecture"), _locked(p, "sha256"), int(p["size"]))
                 for p in entry["packages"]
             )
-            images[name] = LockedImage(entry["digest"], entry["definition"], entry["suite"],
-                                       entry["architecture"], packages)
+            images[name] = LockedImage(_locked(entry, "digest"), _locked(entry, "definition"),
+                                       _locked(entry, "suite"), _locked(entry, "architecture"),
+                                       packages)
         return images
     except (tomllib.TOMLDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ImageError(
@@ -366,6 +369,31 @@ def read_lock(path: Path) -> dict[str, LockedImage]:
             " or delete it and rebuild the images to pin them again",
             reason=ImageErrorReason.BAD_LOCK,
         ) from exc
+
+
+# What each field of hitz.lock may hold. Every one ends up in a path of the
+# image cache (debs/SHA256.deb, built/HEX/, apt/SUITE-ARCH-MIRROR/) or in an
+# argument of apt-get (NAME:ARCH=VERSION): a lock file from a pull request
+# must not name a file outside the cache or smuggle in an option.
+_LOCK_FIELDS = {
+    "digest": re.compile(r"sha256:[0-9a-f]{64}"),
+    "definition": re.compile(r"[0-9a-f]{64}"),
+    "sha256": re.compile(r"[0-9a-f]{64}"),
+    "suite": _SUITE,
+    "architecture": re.compile(r"[a-z0-9][a-z0-9-]*"),
+    "name": _PACKAGE,
+    # Debian policy 5.6.12: [epoch:]upstream[-revision], alphanumerics and . + ~ - :
+    "version": re.compile(r"[0-9A-Za-z][0-9A-Za-z.+~:-]*"),
+}
+
+
+def _locked(entry: Mapping[str, Any], key: str) -> str:
+    """``entry[key]`` of a lock file, checked against ``_LOCK_FIELDS``;
+    ValueError (a BAD_LOCK for the caller) names the field otherwise."""
+    value = entry[key]
+    if not isinstance(value, str) or not _LOCK_FIELDS[key].fullmatch(value):
+        raise ValueError(f"{key} {value!r} is not well formed")
+    return value
 
 
 def write_lock(path: Path, images: Mapping[str, LockedImage]) -> None:

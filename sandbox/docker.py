@@ -60,6 +60,7 @@ import queue
 import re
 import socket
 import struct
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -71,7 +72,7 @@ from typing import TYPE_CHECKING, Any
 from hitz.sandbox import landlock, report
 from hitz.sandbox.errors import SandboxError, SandboxErrorReason, SandboxUnavailable
 from hitz.sandbox.outputs import OutputRejected, collect
-from hitz.sandbox.policy import Policy, Seccomp
+from hitz.sandbox.policy import Landlock, Policy, Seccomp
 from hitz.sandbox.spec import Network, SandboxResult, SandboxSpec, Status
 
 if TYPE_CHECKING:
@@ -383,11 +384,14 @@ class DockerBackend:
         self._ready: Future[docker.DockerClient] = self._pool.submit(self._start_up, client)
         self._tasks: dict[str, _Task] = {}  # until wait() returned their result
         self._threads: list[threading.Thread] = []  # until they ended
-        self._results: queue.SimpleQueue[SandboxResult | BaseException] = queue.SimpleQueue()
+        # (task, its result or the error that ended the run), from its thread
+        self._results: queue.SimpleQueue[tuple[str, SandboxResult | BaseException]] = (
+            queue.SimpleQueue())
         self._images: dict[str, str] = {}
         self._images_lock = threading.Lock()
         self._init: str | None = None
         self._init_lock = threading.Lock()
+        self._etc: str | None = None  # see _etc_files; removed by close()
         self._closed = False
 
     def _start_up(self, client: docker.DockerClient | None) -> docker.DockerClient:
@@ -470,16 +474,23 @@ class DockerBackend:
             thread.join()
         self._threads.clear()
         self._pool.shutdown(wait=True)
+        if self._etc is not None:
+            import shutil
+
+            shutil.rmtree(self._etc, ignore_errors=True)
         if self._ready.done() and self._ready.exception() is None:
             self._ready.result().close()
 
     # --- main thread helpers ---------------------------------------------------
-    def _take(self, item: SandboxResult | BaseException) -> list[SandboxResult]:
-        if isinstance(item, BaseException):
-            raise item  # the engine went away: the whole run fails, closed
+    def _take(self, entry: tuple[str, SandboxResult | BaseException]) -> list[SandboxResult]:
+        task, item = entry
         # Its thread still removes the container, after queueing the
         # result (off the critical path); close() waits for every thread.
-        self._tasks.pop(item.task, None)
+        # Forgotten before an error is raised too: no result will ever come
+        # for that task, and close() waits only for tasks that may yet end.
+        self._tasks.pop(task, None)
+        if isinstance(item, BaseException):
+            raise item  # the engine went away: the whole run fails, closed
         return [item]
 
     def _enforce_deadlines(self) -> float | None:
@@ -523,15 +534,15 @@ class DockerBackend:
         try:
             result = self._run(t)
         except DockerUnavailable as exc:
-            self._results.put(exc)
+            self._results.put((t.spec.task, exc))
             result = None
         except SandboxError as exc:
             result = self._setup_failed(t, exc)
         except BaseException as exc:  # a bug: surface it on the main thread
-            self._results.put(exc)
+            self._results.put((t.spec.task, exc))
             result = None
         if result is not None:
-            self._results.put(result)
+            self._results.put((t.spec.task, result))
         if t.container is not None:
             with contextlib.suppress(SandboxError), _engine_errors("remove a container"):
                 self._client().api.remove_container(t.container, force=True, v=True)
@@ -613,6 +624,34 @@ class DockerBackend:
                 self._init = init_path()
             return self._init
 
+    def _etc_files(self, spec: SandboxSpec) -> list[tuple[str, str]]:
+        """(host file, container path) of the /etc files the namespace
+        sandbox writes fresh (users, groups, hosts, host name), so that a
+        task reads the same /etc in both backends: one cache key serves
+        both. Without network = "host" the resolver is the image's own (or
+        none), not the copy of the host's that Docker puts in every
+        container. The files are written once per backend, read-only."""
+        from hitz.sandbox.namespace.plan import _ETC_FILES
+
+        with self._init_lock:
+            if self._etc is None:
+                folder = tempfile.mkdtemp(prefix="hitz-docker-etc-")
+                os.chmod(folder, 0o755)
+                for name, content in {**_ETC_FILES, "resolv.conf": ""}.items():
+                    with open(os.path.join(folder, name), "w") as f:
+                        f.write(content)
+                    os.chmod(os.path.join(folder, name), 0o444)
+                self._etc = folder
+            folder = self._etc
+        files = [(os.path.join(folder, name), f"/etc/{name}") for name in _ETC_FILES]
+        if spec.network is not Network.HOST:
+            own = (os.path.join(spec.image.root, "etc", "resolv.conf")
+                   if spec.image is not None and spec.image.root else None)
+            source = own if own and os.path.isfile(own) and not os.path.islink(own) else (
+                os.path.join(folder, "resolv.conf"))
+            files.append((source, "/etc/resolv.conf"))
+        return files
+
     def _container_config(self, spec: SandboxSpec, image: str) -> dict[str, Any]:
         from docker.types import Mount, Ulimit
 
@@ -625,6 +664,8 @@ class DockerBackend:
             target = f"{spec.cwd}/{root}" if root else spec.cwd
             mounts.append(Mount(target, staged, type="bind"))
         for source, target in input_binds(spec):
+            mounts.append(Mount(target, source, type="bind", read_only=True))
+        for source, target in self._etc_files(spec):
             mounts.append(Mount(target, source, type="bind", read_only=True))
         ulimits = [Ulimit(name={0: "cpu", 1: "fsize", 4: "core", 7: "nofile"}[res],
                           soft=value, hard=value) for res, value in limits.rlimits()]
@@ -838,8 +879,34 @@ def seccomp_option(policy: Policy, task: str) -> str:
         if not isinstance(profile, dict) or "defaultAction" not in profile:
             raise SandboxError(f'{where}: not a Docker seccomp profile: no "defaultAction"',
                                reason=SandboxErrorReason.SETUP_FAILED)
+        if policy.landlock is not Landlock.OFF:
+            _allow_landlock(profile)
         return json.dumps(profile, separators=(",", ":"))
     return render_default()
+
+
+def _allow_landlock(profile: dict[str, Any]) -> None:
+    """Let hitz's init apply Landlock under a profile file that does not
+    mention it. The namespace launcher applies Landlock before it installs
+    the profile; Docker installs the profile before the init runs, so an
+    allow-list that does not name these calls (Docker's own default of
+    20.10 does not) would make a kernel with Landlock look like one
+    without. These calls only ever take rights away; a profile that names
+    any of them is left as its author wrote it."""
+    from hitz.sandbox.docker_seccomp import LANDLOCK_SYSCALLS
+
+    if profile.get("defaultAction") == "SCMP_ACT_ALLOW":
+        return  # allowed already; runc refuses a rule repeating the default
+    rules = profile.get("syscalls")
+    if rules is None:
+        rules = profile["syscalls"] = []
+    if not isinstance(rules, list):
+        return  # the engine will say what is wrong with it
+    named = {name for rule in rules if isinstance(rule, dict)
+             for name in [*(rule.get("names") or []), rule.get("name")]
+             if isinstance(name, str)}
+    if named.isdisjoint(LANDLOCK_SYSCALLS):
+        rules.append({"names": list(LANDLOCK_SYSCALLS), "action": "SCMP_ACT_ALLOW"})
 
 
 # Docker's default masked paths (moby oci/defaults.go), then the namespace

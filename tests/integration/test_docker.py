@@ -327,3 +327,52 @@ def test_a_weakened_policy_is_shown_in_every_report(project: Project, busybox: s
     assert entry["enforced"]["seccomp"] == "unconfined"
     assert project.log(result, name, "stdout").split() == ["Seccomp:", "0"]
     assert "[weakened: network host, seccomp unconfined, landlock off]" in result.stderr
+
+
+def test_an_allow_list_profile_without_landlock_still_gets_landlock(
+        project: Project, busybox: str, name: str) -> None:
+    # A Docker-format allow-list that does not name the Landlock calls (as
+    # Docker's own default profile of 20.10 does not): the namespace
+    # backend applies Landlock before the profile, so the task runs there;
+    # in a container hitz's init applies it after the engine installed the
+    # profile, and must still be able to.
+    import json
+
+    from hitz.sandbox.docker_seccomp import LANDLOCK_SYSCALLS, render_strict
+
+    profile = json.loads(render_strict())
+    profile["syscalls"] = [rule for rule in profile["syscalls"]
+                           if not set(rule["names"]) & set(LANDLOCK_SYSCALLS)]
+    project.write("allow.json", json.dumps(profile))
+    project.write_manifest(docker_task(name, "echo ok; if touch /work/x; then exit 77; fi",
+                                       busybox, extra={"seccomp": "allow.json",
+                                                       "cache": False}))
+    result = project.run()
+    entry = result.task(name)
+    assert entry["status"] == "succeeded", str(result)
+    assert project.log(result, name, "stdout") == "ok\n"
+    assert entry["enforced"]["landlock"].startswith("ABI "), str(result)
+
+
+def test_closing_after_the_engine_went_away_does_not_hang(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The engine stops answering mid-run: the task's thread hands the
+    # failure to wait(), which raises it; the run then closes the backend,
+    # which must return although that task will never have a result.
+    import threading
+
+    from hitz.sandbox.docker import DockerBackend, DockerUnavailable
+    from hitz.sandbox.spec import SandboxSpec
+
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path / 'gone.sock'}")
+    backend = DockerBackend()
+    (tmp_path / "staging").mkdir()
+    backend.start(SandboxSpec("gone", ("true",), {}, (), (), str(tmp_path / "staging"),
+                              str(tmp_path / "out"), str(tmp_path / "err"), backend="docker",
+                              rootfs="docker:x@sha256:" + "0" * 64))
+    with pytest.raises(DockerUnavailable):
+        backend.wait()
+    closer = threading.Thread(target=backend.close, daemon=True)
+    closer.start()
+    wait_for(lambda: not closer.is_alive(), "close() to return")
+    assert backend.running() == 0

@@ -9,6 +9,7 @@ download cache is shared the same way, so a rebuild fetches nothing.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -141,6 +142,28 @@ def test_a_pinned_image_rebuilds_offline_from_the_lock(images: Session, tmp_path
     monkeypatch.setenv("PATH", _no_apt_path(tmp_path))
     again = build_image("busybox", project, cache)
     assert again.digest == images.busybox.digest
+
+
+def test_a_damaged_deb_in_the_download_cache_is_fetched_again(
+        images: Session, tmp_path: Path) -> None:
+    # The cache never lies: a .deb is named by its sha256, and a file under
+    # that name whose bytes are not those (a disk error, a half-copied
+    # cache folder) is a miss, not an image built from the wrong bytes.
+    project, cache = tmp_path / "proj", tmp_path / "cache"
+    project.mkdir()
+    images.seed(project)
+    pinned = read_lock(project / "hitz.lock")["busybox"].packages[0]
+    debs = cache / "images" / "debs"
+    debs.mkdir(parents=True)
+    damaged = debs / f"{pinned.sha256}.deb"
+    # A copy, never a hard link: the session's own .deb must stay intact.
+    shutil.copyfile(images.cache / "images" / "debs" / damaged.name, damaged)
+    with open(damaged, "r+b") as f:
+        f.seek(pinned.size // 2)
+        f.write(b"\0" * 64)
+    again = build_image("busybox", project, cache)
+    assert again.digest == images.busybox.digest
+    assert hashlib.sha256(damaged.read_bytes()).hexdigest() == pinned.sha256
 
 
 def test_a_build_that_does_not_match_the_lock_is_an_error(seeded: Project) -> None:
@@ -346,6 +369,26 @@ def test_a_task_on_an_image_has_the_same_key_and_output_in_both_backends(
     assert served.task("docker")["cached"] is True, served
 
 
+def test_a_task_on_an_image_sees_the_same_etc_in_both_backends(seeded: Project) -> None:
+    # One key serves both backends, so what a task reads of /etc must not
+    # depend on the backend: users and groups (`ls -l`), hosts, the host
+    # name; and no resolver of the host's without network = "host". (The
+    # task's own uid still differs: 0 in its user namespace, 65534 or the
+    # invoking user's in a container; see docs/docker.md.)
+    script = ("for f in passwd group hosts hostname nsswitch.conf; do echo \"== $f\";"
+              " cat /etc/$f; done; echo \"== resolv\"; cat /etc/resolv.conf 2>/dev/null;"
+              " true")
+    seeded.write_manifest(*(
+        task(backend, script, extra={"rootfs": "image:busybox", "backend": backend})
+        for backend in ("namespace", "docker")))
+    done = seeded.run("--no-cache")
+    assert done.returncode == 0, done
+    namespace = seeded.log(done, "namespace", "stdout")
+    assert "== passwd\nroot:x:0:0:" in namespace, namespace
+    assert namespace.endswith("== resolv\n"), namespace
+    assert seeded.log(done, "docker", "stdout") == namespace
+
+
 def test_a_missing_docker_image_by_digest_is_a_clear_error() -> None:
     from hitz.executor.images import resolve
 
@@ -356,3 +399,26 @@ def test_a_missing_docker_image_by_digest_is_a_clear_error() -> None:
     assert caught.value.message == (
         "Docker image `hitz-test/absent@sha256:" + "5" * 64
         + "` is not in the local Docker engine")
+
+
+def test_a_damaged_image_tar_is_never_imported_under_its_digest(
+        images: Session, tmp_path: Path) -> None:
+    # The Docker image is labelled with the digest, which is in the cache
+    # key: bytes that are not the digest's must not get that label.
+    from hitz.executor.images import DIGEST_LABEL, BuiltImage
+
+    tar = tmp_path / "image.tar"
+    shutil.copyfile(images.busybox.tar, tar)
+    with open(tar, "r+b") as f:
+        f.seek(tar.stat().st_size // 2)
+        f.write(b"\xff" * 16)
+    name = f"rdamaged{os.getpid()}"
+    damaged = BuiltImage(name, images.busybox.digest, tar, images.busybox.root, ())
+    with pytest.raises(ImageError) as caught:
+        ensure_in_docker(damaged)
+    assert caught.value.reason is ImageErrorReason.DIGEST_MISMATCH
+    assert f"hitz image rm {name}" in (caught.value.hint or "")
+    listed = subprocess.run(["docker", "images", "-q", "--filter",
+                             f"label={DIGEST_LABEL}={images.busybox.digest}",
+                             f"hitz/{name}"], capture_output=True, text=True, check=True)
+    assert listed.stdout == "", "the damaged tar was imported"

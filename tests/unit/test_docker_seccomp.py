@@ -33,3 +33,30 @@ def test_a_rendered_profile_is_stable_text() -> None:
     assert render_default() == render_default.__wrapped__()
     assert json.loads(render_default())["defaultAction"] == "SCMP_ACT_ALLOW"
     assert json.loads(render_strict())["defaultErrnoRet"] == 1
+
+
+def test_a_profile_file_gets_the_landlock_calls_only_when_it_would_refuse_them(
+        tmp_path: Path) -> None:
+    # hitz's container init applies Landlock after the engine installed the
+    # profile (the namespace launcher: before), so an allow-list that does
+    # not name the Landlock calls gets them; anything else passes as written.
+    from hitz.sandbox.docker import seccomp_option
+    from hitz.sandbox.policy import Landlock, Policy, Seccomp
+
+    def option(profile: dict[str, object], landlock: Landlock = Landlock.REQUIRED) -> object:
+        path = tmp_path / "p.json"
+        path.write_text(json.dumps(profile))
+        return json.loads(seccomp_option(
+            Policy(Seccomp.PROFILE, landlock=landlock, seccomp_profile=str(path)), "t"))
+
+    allow_list = {"defaultAction": "SCMP_ACT_ERRNO",
+                  "syscalls": [{"names": ["read"], "action": "SCMP_ACT_ALLOW"}]}
+    assert option(allow_list)["syscalls"][-1] == {"names": list(LANDLOCK_SYSCALLS),
+                                                  "action": "SCMP_ACT_ALLOW"}
+    assert option(allow_list, Landlock.OFF) == allow_list
+    deny_list = {"defaultAction": "SCMP_ACT_ALLOW",
+                 "syscalls": [{"names": ["mkdir"], "action": "SCMP_ACT_ERRNO"}]}
+    assert option(deny_list) == deny_list
+    refuses = {"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [
+        {"names": ["landlock_create_ruleset"], "action": "SCMP_ACT_ERRNO"}]}
+    assert option(refuses) == refuses

@@ -263,3 +263,88 @@ def test_a_later_package_s_folder_replaces_an_earlier_symlink(tmp_path: Path) ->
     assert (tmp_path / "root/usr/x/passwd").read_bytes() == b"pwned"
     assert not (tmp_path / "root/usr/x").is_symlink()
     assert list(outside.iterdir()) == []
+
+
+_GOOD_PACKAGE = ('{ name = "busybox-static", version = "1:1.35.0-4+b3", architecture = "amd64",'
+                 ' size = 10, sha256 = "' + "a" * 64 + '" }')
+
+
+@pytest.mark.parametrize(("field", "bad"), [
+    # Each of these becomes a path in the image cache (debs/SHA256.deb,
+    # built/HEX/, apt/SUITE-ARCH-MIRROR/) or an argument of apt-get.
+    ("sha256", '"../../../../tmp/planted"'),
+    ("digest", '"sha256:../../../tmp/planted"'),
+    ("architecture", '"../../x"'),
+    ("name", '"-oDir::Etc=/tmp"'),
+    ("version", '"1.0 --allow-unauthenticated"'),
+    ("suite", '"../../bookworm"'),
+    ("definition", '"../x"'),
+    ("image name", None),
+])
+def test_a_lock_file_s_paths_and_arguments_are_checked(tmp_path: Path, field: str,
+                                                       bad: str | None) -> None:
+    package = _GOOD_PACKAGE
+    image = {"digest": '"sha256:' + "c" * 64 + '"', "definition": '"' + "d" * 64 + '"',
+             "suite": '"bookworm"', "architecture": '"amd64"'}
+    if bad is None:
+        pass
+    elif field in image:
+        image[field] = bad
+    else:
+        package = package.replace(f'{field} = ', f'{field} = {bad}, _old_{field} = ', 1)
+    header = '[images."../bb"]' if field == "image name" else "[images.bb]"
+    text = f"version = 1\n{header}\n" + "".join(f"{k} = {v}\n" for k, v in image.items())
+    (tmp_path / "hitz.lock").write_text(text + f"packages = [\n  {package},\n]\n")
+    with pytest.raises(ImageError) as caught:
+        read_lock(tmp_path / "hitz.lock")
+    assert caught.value.reason is ImageErrorReason.BAD_LOCK
+    assert field in str(caught.value)
+
+
+def test_a_well_formed_lock_file_still_reads(tmp_path: Path) -> None:
+    text = ("version = 1\n[images.bb]\n" f'digest = "sha256:{"c" * 64}"\n'
+            f'definition = "{"d" * 64}"\nsuite = "bookworm"\narchitecture = "amd64"\n'
+            f"packages = [\n  {_GOOD_PACKAGE},\n]\n")
+    (tmp_path / "hitz.lock").write_text(text)
+    assert read_lock(tmp_path / "hitz.lock")["bb"].packages[0].version == "1:1.35.0-4+b3"
+
+
+@pytest.mark.parametrize("name", ["../../../victim/important", "../built", "ABSOLUTE",
+                                  "../../../a/../victim/important"])
+def test_image_rm_never_removes_anything_outside_the_cache(tmp_path: Path, name: str) -> None:
+    # `hitz image rm NAME` used to unlink images/names/NAME whatever NAME
+    # was: `hitz image rm ../../../victim/important` deleted that file.
+    from hitz.executor.images import remove_image
+
+    if name == "ABSOLUTE":
+        name = str(tmp_path / "victim" / "important")
+
+    cache = tmp_path / "cache"
+    (cache / "images" / "names").mkdir(parents=True)
+    (cache / "images" / "built").mkdir()
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "important").write_text("keep\n")
+    (tmp_path / "a").mkdir()
+    with pytest.raises(ImageError) as caught:
+        remove_image(name, tmp_path, cache)
+    assert caught.value.reason is ImageErrorReason.UNKNOWN_IMAGE
+    assert (victim / "important").read_text() == "keep\n"
+    assert (cache / "images" / "built").is_dir()
+
+
+def test_image_rm_removes_only_builds_in_the_cache(tmp_path: Path) -> None:
+    # names/NAME is a symlink hitz wrote; one that points elsewhere (a
+    # hand-edited or damaged cache) must not make `rm` delete that folder.
+    from hitz.executor.images import remove_image
+
+    names = tmp_path / "cache" / "images" / "names"
+    names.mkdir(parents=True)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "important").write_text("keep\n")
+    (names / "img").symlink_to(victim)
+    _definition(tmp_path, 'suite = "bookworm"\npackages = ["busybox-static"]\n')
+    assert remove_image("img", tmp_path, tmp_path / "cache") == []
+    assert (victim / "important").read_text() == "keep\n"
+    assert not (names / "img").is_symlink()
