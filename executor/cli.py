@@ -386,7 +386,7 @@ def _run(manifest: Manifest, args: argparse.Namespace) -> int:
         runner.preflight([the_plan.tasks[name] for name in the_plan.order])
         # Refuse what cannot run here (no Landlock, no Docker engine) before
         # spending time on images.
-        _check_policies(the_plan.tasks.values())
+        _check_policies(the_plan.tasks.values(), manifest)
         runner.prepare_images([the_plan.tasks[name] for name in the_plan.order])
         from hitz.executor.backends import Router
 
@@ -604,7 +604,7 @@ def _doctor(as_json: bool) -> int:
     return 0 if all(check.ok for check in checks if check.required) else 1
 
 
-def _check_policies(tasks: Iterable[TaskDef]) -> None:
+def _check_policies(tasks: Iterable[TaskDef], manifest: Manifest) -> None:
     """Fail closed before anything runs: every task's policy must be
     enforceable here (STYLE 10); tasks of the docker backend need a
     reachable engine that has their images (exit status 2 otherwise)."""
@@ -622,16 +622,25 @@ def _check_policies(tasks: Iterable[TaskDef]) -> None:
 
             check_policy(task.name, policy_of(task))
     if docker_tasks:
-        _check_docker(docker_tasks)
+        _check_docker(docker_tasks, manifest)
 
 
-def _check_docker(tasks: list[TaskDef]) -> None:
+def _check_docker(tasks: list[TaskDef], manifest: Manifest) -> None:
     """The engine answers, and has every ``docker:`` image the tasks name
-    (``image:`` ones are built, and imported, by the image builder)."""
-    from hitz.sandbox.docker import check_engine
+    (``image:`` ones are built, and imported, by the image builder). An
+    unreachable engine's error says which task needs it, and where."""
+    from hitz.sandbox.docker import DockerUnavailable, check_engine
 
     refs: dict[str, str] = {}
     for task in tasks:
         if task.rootfs.startswith("docker:"):
             refs.setdefault(task.rootfs.removeprefix("docker:"), task.name)
-    check_engine(refs)
+    try:
+        check_engine(refs)
+    except DockerUnavailable as exc:
+        if exc.detail is None:
+            first = tasks[0]
+            more = f" and {len(tasks) - 1} more" if len(tasks) > 1 else ""
+            exc.detail = (f'needed by task "{first.name}"'
+                          f" ({manifest.where('tasks', first.name, 'backend')}){more}")
+        raise

@@ -296,8 +296,11 @@ def test_an_unreachable_engine_stops_the_run_before_it_starts(
     dead = tmp_path / "dead.sock"
     result = project.run(env={"DOCKER_HOST": f"unix://{dead}"})
     assert result.returncode == 2, str(result)
+    line = next(i for i, text in enumerate(project.read("hitz.toml").splitlines(), 1)
+                if text.startswith("backend"))
     assert result.stderr == (
         f"error: cannot reach the Docker engine at `unix://{dead}`: No such file or directory\n"
+        f'needed by task "{name}" (hitz.toml:{line})\n'
         "\nhint: start it (`sudo systemctl start docker`, or `sudo dockerd` by hand) and check "
         '`docker info`, or run the task with backend = "namespace"\n'
     ), str(result)
