@@ -85,8 +85,23 @@ def platform_properties(task: TaskDef, rootfs_identity: str) -> dict[str, str]:
     }
 
 
+# Thousands of tasks share a few policies: each is built once per process.
+_POLICIES: dict[tuple[object, ...], Policy] = {}
+
+
 def policy_of(task: TaskDef) -> Policy:
     """The sandbox policy ``task`` runs under: what its manifest entry asks."""
+    # Every TaskDef field _policy_of reads, and no other.
+    key = (task.seccomp, task.capabilities, task.landlock, task.open_files, task.file_size,
+           task.cpu_time, task.output_limit, task.memory_limit, task.pids_limit,
+           task.cpu_limit, task.tmp_limit)
+    policy = _POLICIES.get(key)
+    if policy is None:
+        policy = _POLICIES[key] = _policy_of(task)
+    return policy
+
+
+def _policy_of(task: TaskDef) -> Policy:
     default = Limits()
     limits = Limits(
         default.open_files if task.open_files is None else task.open_files,

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from hitz.executor.model import Manifest, TaskDef
     from hitz.executor.remote_tier import RemoteTier
     from hitz.executor.runner import Runner
+    from hitz.sandbox.policy import Policy
     from hitz.sandbox.spec import SandboxBackend
 
 VERSION = "0.1.0"
@@ -611,16 +612,23 @@ def _check_policies(tasks: Iterable[TaskDef], manifest: Manifest) -> None:
     from hitz.executor.actions import policy_of
 
     docker_tasks = []
+    checked: set[tuple[str, Policy]] = set()  # thousands of tasks share a few policies
     for task in tasks:
+        if task.backend not in ("docker", "namespace"):
+            continue
+        policy = policy_of(task)
+        if (task.backend, policy) not in checked:
+            if task.backend == "docker":
+                from hitz.sandbox.docker import check_policy as check_docker_policy
+
+                check_docker_policy(task.name, policy)
+            else:
+                from hitz.sandbox.hostcheck import check_namespace_policy
+
+                check_namespace_policy(task.name, policy)
+            checked.add((task.backend, policy))
         if task.backend == "docker":
-            from hitz.sandbox.docker import check_policy as check_docker_policy
-
-            check_docker_policy(task.name, policy_of(task))
             docker_tasks.append(task)
-        elif task.backend == "namespace":
-            from hitz.sandbox.namespace import check_policy
-
-            check_policy(task.name, policy_of(task))
     if docker_tasks:
         _check_docker(docker_tasks, manifest)
 

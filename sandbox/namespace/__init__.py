@@ -48,7 +48,6 @@ from typing import Any
 from hitz.sandbox import landlock, report
 from hitz.sandbox.errors import SandboxError, SandboxErrorReason, SandboxUnavailable
 from hitz.sandbox.namespace.build import launcher_path
-from hitz.sandbox.namespace.cgroups import ROOT as CGROUP_ROOT
 from hitz.sandbox.namespace.cgroups import Layout as CgroupLayout
 from hitz.sandbox.namespace.cgroups import TaskCgroups
 from hitz.sandbox.namespace.cgroups import create as create_cgroups
@@ -61,7 +60,7 @@ from hitz.sandbox.namespace.seccomp import (
     compile_strict,
 )
 from hitz.sandbox.outputs import OutputRejected, collect
-from hitz.sandbox.policy import Policy, Seccomp, profile_digest
+from hitz.sandbox.policy import Seccomp, profile_digest
 from hitz.sandbox.spec import SandboxResult, SandboxSpec, Status, Usage
 
 # The host uid/gid that a task's root maps to when hitz runs as root.
@@ -500,31 +499,6 @@ class NamespaceBackend:
             return SandboxResult(status=Status.OUTPUT_MISSING, exit_code=0,
                                  message=str(exc), **base)
         return SandboxResult(status=Status.SUCCEEDED, exit_code=0, outputs=outputs, **base)
-
-
-def check_policy(task: str, policy: Policy) -> None:
-    """Refuse, before anything runs, a task whose policy this host cannot
-    enforce (fail closed; the hint names the manifest key that would allow
-    running with less)."""
-    landlock.check(task, policy)
-    limits = policy.limits
-    wants_cgroups = limits.memory is not None or limits.pids is not None or limits.cpu is not None
-    if wants_cgroups and os.geteuid() != 0 and not os.access(CGROUP_ROOT, os.W_OK):
-        raise SandboxUnavailable(
-            f"task `:{task}` asks for memory, pids or cpu limits, which need cgroups this "
-            "user cannot create",
-            hint="run hitz as root or in a delegated cgroup v2 subtree, or remove those "
-            "limits from the task",
-        )
-    if policy.seccomp is not Seccomp.UNCONFINED:
-        try:
-            import pyseccomp  # noqa: F401
-        except (ImportError, OSError) as exc:
-            raise SandboxUnavailable(
-                f"task `:{task}` needs a seccomp filter, and libseccomp cannot be loaded: {exc}",
-                hint='install libseccomp (`apt-get install libseccomp2`), or set '
-                'seccomp = "unconfined" on the task to run it without a filter',
-            ) from exc
 
 
 def _high(fd: int) -> int:

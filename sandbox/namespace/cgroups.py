@@ -18,8 +18,9 @@ import os
 from dataclasses import dataclass
 
 from hitz.sandbox.errors import SandboxUnavailable
+from hitz.sandbox.hostcheck import CGROUP_ROOT
 
-ROOT = "/sys/fs/cgroup"
+ROOT = CGROUP_ROOT
 _CFS_PERIOD_US = 100_000
 
 

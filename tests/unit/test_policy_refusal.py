@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-import hitz.sandbox.namespace as namespace
-from hitz.sandbox import landlock
+from hitz.sandbox import hostcheck, landlock
 from hitz.sandbox.errors import SandboxErrorReason, SandboxUnavailable
 from hitz.sandbox.policy import Landlock, Limits, Policy, Seccomp
 
@@ -18,7 +17,7 @@ def test_required_landlock_on_a_kernel_without_it_is_refused(
 ) -> None:
     monkeypatch.setattr(landlock, "landlock_abi", lambda: 0)
     with pytest.raises(SandboxUnavailable) as caught:
-        namespace.check_policy("build", Policy())
+        hostcheck.check_namespace_policy("build", Policy())
     assert caught.value.message == "task `:build` needs Landlock; this kernel has none"
     assert caught.value.hint is not None
     assert 'landlock = "best-effort"' in caught.value.hint
@@ -29,16 +28,16 @@ def test_best_effort_landlock_runs_on_a_kernel_without_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(landlock, "landlock_abi", lambda: 0)
-    assert namespace.check_policy("build", Policy(landlock=Landlock.BEST_EFFORT)) is None
+    assert hostcheck.check_namespace_policy("build", Policy(landlock=Landlock.BEST_EFFORT)) is None
 
 
 def test_cgroup_limits_without_the_right_to_create_cgroups_are_refused(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(namespace.os, "geteuid", lambda: 1000)
-    monkeypatch.setattr(namespace.os, "access", lambda path, mode: False)
+    monkeypatch.setattr(hostcheck.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(hostcheck.os, "access", lambda path, mode: False)
     with pytest.raises(SandboxUnavailable) as caught:
-        namespace.check_policy("build", Policy(limits=Limits(memory=1 << 30)))
+        hostcheck.check_namespace_policy("build", Policy(limits=Limits(memory=1 << 30)))
     assert caught.value.message == (
         "task `:build` asks for memory, pids or cpu limits, which need cgroups this user "
         "cannot create"
@@ -46,4 +45,4 @@ def test_cgroup_limits_without_the_right_to_create_cgroups_are_refused(
 
 
 def test_an_enforceable_policy_passes() -> None:
-    assert namespace.check_policy("build", Policy(seccomp=Seccomp.DEFAULT)) is None
+    assert hostcheck.check_namespace_policy("build", Policy(seccomp=Seccomp.DEFAULT)) is None
