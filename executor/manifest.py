@@ -145,6 +145,9 @@ _TASK_FIELDS = (
     "pids_limit", "cpu_limit", "tmp_limit",
 )
 assert TaskDef.__match_args__ == _TASK_FIELDS, "rows of the cache are TaskDef's fields, in order"
+# The `[remote]` row of the cache: these Manifest fields, in this order.
+_REMOTE_FIELDS = ("remote_executor", "remote_instance", "remote_token_env", "remote_token_file",
+                  "remote_ca_file")
 
 
 def _cache_key(absolute: Path, text: str) -> str:
@@ -192,8 +195,7 @@ def _cached(path: Path, key: str, absolute: Path, source: _Source) -> Manifest |
             cache_dir=data["cache"][0],
             cache_max_bytes=data["cache"][1],
             cache_remote=RemoteCacheSettings.from_row(data["cache"][2]),
-            remote_executor=data["remote"][0],
-            remote_instance=data["remote"][1],
+            **dict(zip(_REMOTE_FIELDS, data["remote"], strict=True)),
         )
     except (OSError, ValueError, KeyError, TypeError, IndexError):
         return None
@@ -205,7 +207,7 @@ def _store(path: Path, key: str, manifest: Manifest) -> None:
         "key": key, "project": manifest.project, "tasks": rows,
         "cache": [manifest.cache_dir, manifest.cache_max_bytes,
                   manifest.cache_remote.as_row()],
-        "remote": [manifest.remote_executor, manifest.remote_instance],
+        "remote": [getattr(manifest, name) for name in _REMOTE_FIELDS],
     })
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -556,6 +558,21 @@ def _models() -> _Models:
         instance: str | Unset = Field(
             None, description='The REAPI instance name on that server; default "".'
         )
+        token_env: str | Unset = Field(
+            None,
+            description="The environment variable holding the remote executor's bearer token"
+            " (never the token itself).",
+        )
+        token_file: str | Unset = Field(
+            None,
+            description="The file holding the remote executor's bearer token, relative to the"
+            " manifest folder (never the token itself).",
+        )
+        ca_file: str | Unset = Field(
+            None,
+            description="PEM root certificates for a grpcs:// remote executor, relative to the"
+            " manifest folder. Default: the system's.",
+        )
 
     class Root(BaseModel):
         # "tasks" is required in the schema; load() says "no tasks defined" itself.
@@ -840,7 +857,7 @@ class _Builder:
         }
         cache_dir, cache_max = self.cache_settings(self.raw.get("cache", {}))
         cache_remote = self.cache_remote_settings(self.raw.get("cache", {}))
-        remote_executor, remote_instance = self.remote_settings(self.raw.get("remote", {}))
+        remote = self.remote_settings(self.raw.get("remote", {}))
         return Manifest(
             path=self.path,
             display_path=self.source.display,
@@ -852,13 +869,13 @@ class _Builder:
             cache_dir=cache_dir,
             cache_max_bytes=cache_max,
             cache_remote=cache_remote,
-            remote_executor=remote_executor,
-            remote_instance=remote_instance,
+            **remote,
         )
 
-    def remote_settings(self, spec: dict[str, Any]) -> tuple[str | None, str]:
+    def remote_settings(self, spec: dict[str, Any]) -> dict[str, Any]:
         """`[remote]`: the executor's URL (checked for its form only: whether
-        it answers is known when a remote task first needs it) and instance."""
+        it answers is known when a remote task first needs it), instance, token
+        and CA file."""
         executor = spec.get("executor")
         try:
             if executor is not None:
@@ -870,7 +887,9 @@ class _Builder:
                 f' "grpcs://build.example.com:443", got {_show(executor)}',
                 Reason.BAD_VALUE,
             ) from None
-        return executor, spec.get("instance", "")
+        token_env, token_file, ca_file = self.auth_settings(spec, "remote")
+        return dict(zip(_REMOTE_FIELDS, (executor, spec.get("instance", ""), token_env,
+                                         token_file, ca_file), strict=True))
 
     def cache_remote_settings(self, spec: dict[str, Any]) -> RemoteCacheSettings:
         """The `[cache]` keys about the remote cache (``hitz.executor.remote_config``).
@@ -887,13 +906,22 @@ class _Builder:
                     f'"grpcs://cache.example.com:443", got {_show(url)}',
                     Reason.BAD_VALUE,
                 ) from None
+        token_env, token_file, ca_file = self.auth_settings(spec, "cache")
+        timeout = self.timeout(spec["timeout"], ("cache",)) if "timeout" in spec else None
+        return RemoteCacheSettings(url, spec.get("instance", ""), spec.get("upload", True),
+                                   token_env, token_file, ca_file, timeout)
+
+    def auth_settings(self, spec: dict[str, Any], table: str
+                      ) -> tuple[str | None, str | None, str | None]:
+        """``token_env``, ``token_file`` and ``ca_file`` of `[cache]` or `[remote]`,
+        checked the same way for both: the token is named, never written here."""
         if "token_env" in spec and "token_file" in spec:
-            raise self.fail(("cache", "token_file"),
+            raise self.fail((table, "token_file"),
                             'set "token_env" or "token_file", not both', Reason.BAD_VALUE)
         token_env = spec.get("token_env")
         if token_env is not None and not _ENV_NAME.fullmatch(token_env):
             raise self.fail(
-                ("cache", "token_env"),
+                (table, "token_env"),
                 f'"token_env" must name an environment variable, got {_show(token_env)}',
                 Reason.BAD_VALUE,
                 hint="put the token in a variable (or in a file: `token_file`) and name it"
@@ -901,12 +929,9 @@ class _Builder:
             )
         for key in ("token_file", "ca_file"):
             if key in spec and not spec[key].strip():
-                raise self.fail(("cache", key), f'"{key}" must be a path, got ""',
+                raise self.fail((table, key), f'"{key}" must be a path, got ""',
                                 Reason.BAD_VALUE)
-        timeout = self.timeout(spec["timeout"], ("cache",)) if "timeout" in spec else None
-        return RemoteCacheSettings(url, spec.get("instance", ""), spec.get("upload", True),
-                                   token_env, spec.get("token_file"), spec.get("ca_file"),
-                                   timeout)
+        return token_env, spec.get("token_file"), spec.get("ca_file")
 
     def cache_settings(self, spec: dict[str, Any]) -> tuple[str | None, int | None]:
         max_bytes = None

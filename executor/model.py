@@ -77,6 +77,10 @@ class Manifest:
     cache_remote: RemoteCacheSettings = field(default_factory=RemoteCacheSettings)
     remote_executor: str | None = None  # [remote] executor, a grpc:// or grpcs:// URL
     remote_instance: str = ""  # [remote] instance: the REAPI instance name
+    # [remote] token_env, token_file, ca_file: as in [cache], paths relative to root
+    remote_token_env: str | None = None
+    remote_token_file: str | None = None
+    remote_ca_file: str | None = None
 
     def line_of(self, *key: str | int) -> int | None:
         """The line of the most specific known prefix of ``key``."""

@@ -7,6 +7,7 @@ Precedence of the remote's address, first wins: ``hitz run --no-remote`` (no
 remote), ``--remote URL``, ``$HITZ_REMOTE_CACHE``, ``[cache] remote``. The
 other settings (``instance``, ``upload``, ``token_env``/``token_file``,
 ``ca_file``, ``timeout``) come from ``[cache]`` whichever way the address was given.
+``load_token`` also reads `[remote]`'s token, the remote executor's.
 """
 
 from __future__ import annotations
@@ -107,8 +108,10 @@ def timeout_s(configured: float | None = None,
 
 
 def load_token(*, env: str | None = None, file: str | os.PathLike[str] | None = None,
-               environ: Mapping[str, str] | None = None) -> str | None:
-    """The bearer token from the environment variable ``env`` or the file ``file``.
+               environ: Mapping[str, str] | None = None, table: str = "cache",
+               what: str = "remote cache") -> str | None:
+    """The bearer token from the environment variable ``env`` or the file ``file``;
+    messages call it ``what``'s token, set in the manifest table ``table``.
 
     Never from hitz.toml itself: a manifest is committed and shared, a token
     is a secret. Raises ``RemoteError`` if the variable is unset or empty, or
@@ -122,23 +125,23 @@ def load_token(*, env: str | None = None, file: str | os.PathLike[str] | None = 
         token = environ.get(env, "").strip()
         if not token:
             raise RemoteError(
-                f"the remote cache token variable `{env}` is not set",
-                hint=f"export {env}=..., or drop `token_env` from `[cache]`",
+                f"the {what} token variable `{env}` is not set",
+                hint=f"export {env}=..., or drop `token_env` from `[{table}]`",
                 reason=RemoteErrorReason.UNAUTHENTICATED)
-        _check_token(token, f"variable `{env}`")
+        _check_token(token, f"{what} token variable `{env}`")
         return token
     if file:
         try:
             token = Path(file).read_text().strip()
         except (OSError, UnicodeDecodeError) as exc:
             raise RemoteError(
-                f"can't read the remote cache token file `{os.fspath(file)}`: "
+                f"can't read the {what} token file `{os.fspath(file)}`: "
                 f"{getattr(exc, 'strerror', None) or exc}",
                 reason=RemoteErrorReason.UNAUTHENTICATED) from None
         if not token:
-            raise RemoteError(f"the remote cache token file `{os.fspath(file)}` is empty",
+            raise RemoteError(f"the {what} token file `{os.fspath(file)}` is empty",
                               reason=RemoteErrorReason.UNAUTHENTICATED)
-        _check_token(token, f"file `{os.fspath(file)}`")
+        _check_token(token, f"{what} token file `{os.fspath(file)}`")
         return token
     return None
 
@@ -150,6 +153,6 @@ def _check_token(token: str, where: str) -> None:
 
     if not all("\x20" <= c <= "\x7e" for c in token):
         raise RemoteError(
-            f"the remote cache token {where} holds characters an `authorization` header "
+            f"the {where} holds characters an `authorization` header "
             "can't carry (only printable ASCII)",
             reason=RemoteErrorReason.UNAUTHENTICATED)

@@ -15,7 +15,9 @@ v2 engine. docs/remote-execution.md is the user's guide. What it promises:
   root's files, its Directories, the Command and the Action, then the missing
   ones through ``hitz.executor.remote.RemoteCache`` (batches, ByteStream for
   big files). This starts at ``prestart``, while the scheduler's slots are
-  busy; ``Execute`` waits for ``release``.
+  busy; ``Execute`` waits for ``release``. Each input file is hashed again
+  as it is read for the upload (``_CheckedFile``): one edited since it was
+  keyed fails the task, never goes up under its old digest.
 - **Follow the operation to its end.** ``Execute`` with
   ``skip_cache_lookup = false`` (the remote may answer from its own cache);
   a stream that drops is resumed with ``WaitExecution`` on the operation's
@@ -43,6 +45,7 @@ what isolates the task.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import posixpath
@@ -67,11 +70,13 @@ if TYPE_CHECKING:
     from hitz.executor.actions import ActionKey
     from hitz.executor.model import Manifest, TaskDef
     from hitz.executor.remote import RemoteCache
+    from hitz.executor.remote_bytestream import Source
     from hitz.executor.store import Digest
     from hitz.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 
 __all__ = [
     "ENV_VAR",
+    "InputChanged",
     "RemoteBackend",
     "RemoteExecError",
     "RemoteExecErrorReason",
@@ -93,13 +98,24 @@ WORKERS = 64  # threads following operations: each waits on the network, not a C
 WEAKENED = "sandbox: the remote executor's own, not hitz's policy"
 
 
+class _QuietInputChanged(logging.Filter):
+    """gRPC logs, with a traceback, any exception of a request iterator before
+    it fails the call ("Exception iterating requests!"); an ``InputChanged``
+    is reported as the task's result instead, so that record is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], InputChanged))
+
+
 class RemoteExecErrorReason(Reason):
     NOT_CONFIGURED = "not-configured"  # a remote task, but no executor URL anywhere
     NO_EXECUTION = "no-execution"  # the server does not offer Execute
+    UNAUTHENTICATED = "unauthenticated"  # UNAUTHENTICATED or PERMISSION_DENIED on connecting
     UNREACHABLE = "unreachable"  # UNAVAILABLE after the retries
     REFUSED = "refused"  # the server refused the action (INVALID_ARGUMENT, ...)
     LOST = "lost"  # the operation vanished or the stream ended without a result
     BAD_RESULT = "bad-result"  # an ActionResult hitz cannot accept (unsafe output path)
+    INPUT_CHANGED = "input-changed"  # an input file's bytes differ from its digest
     SERVER_ERROR = "server-error"  # INTERNAL, UNKNOWN, ...
 
 
@@ -112,22 +128,33 @@ class RemoteExecError(HitzError):
 
 @dataclass(frozen=True, slots=True)
 class RemoteSettings:
-    """Where remote tasks go: ``url`` (grpc:// or grpcs://) and the REAPI ``instance``."""
+    """Where remote tasks go: ``url`` (grpc:// or grpcs://) and the REAPI ``instance``;
+    how to be let in: ``token_env`` or ``token_file`` (absolute), ``ca_file`` (absolute)."""
 
     url: str
     instance: str = ""
     timeout_s: float = 60.0  # deadline of each unary call (not of Execute: see QUEUE_ALLOWANCE_S)
+    token_env: str | None = None  # the variable holding the bearer token
+    token_file: str | None = None  # the file holding it
+    ca_file: str | None = None  # PEM roots for grpcs://; None: the system's
 
 
 def settings_for(manifest: Manifest, flag: str | None = None,
                  environ: Mapping[str, str] | None = None) -> RemoteSettings | None:
     """The executor for ``manifest``'s remote tasks: ``--remote-executor``, else
-    ``$HITZ_REMOTE_EXECUTOR``, else ``[remote] executor``; None when none is set."""
+    ``$HITZ_REMOTE_EXECUTOR``, else ``[remote] executor``; None when none is set.
+    The token and CA file come from `[remote]` whichever way the address was given."""
     environ = os.environ if environ is None else environ
     url = flag or environ.get(ENV_VAR) or manifest.remote_executor
     if not url:
         return None
-    return RemoteSettings(url, manifest.remote_instance)
+
+    def absolute(path: str | None) -> str | None:
+        return None if path is None else str(manifest.root / path)
+
+    return RemoteSettings(url, manifest.remote_instance, token_env=manifest.remote_token_env,
+                          token_file=absolute(manifest.remote_token_file),
+                          ca_file=absolute(manifest.remote_ca_file))
 
 
 def check_configured(manifest: Manifest, tasks: list[TaskDef],
@@ -151,7 +178,12 @@ def check_configured(manifest: Manifest, tasks: list[TaskDef],
 
 
 def input_files(key: ActionKey, spec: SandboxSpec) -> dict[Digest, Path]:
-    """The host file holding each file blob of ``key``'s input root.
+    """The host file holding each file blob of ``key``'s input root."""
+    return {digest: path for digest, (_rel, path) in _input_files(key, spec).items()}
+
+
+def _input_files(key: ActionKey, spec: SandboxSpec) -> dict[Digest, tuple[str, Path]]:
+    """The input-root path and host file of each file blob of ``key``'s input root.
 
     The root's Directories are in ``key.blobs``; each file's project path is
     found among ``spec.inputs`` (a file mount, or a file under a folder mount).
@@ -162,7 +194,7 @@ def input_files(key: ActionKey, spec: SandboxSpec) -> dict[Digest, Path]:
 
     action = re_pb2.Action.FromString(key.blobs[key.digest])
     mounts = sorted(spec.inputs, key=lambda m: len(m.target), reverse=True)
-    found: dict[Digest, Path] = {}
+    found: dict[Digest, tuple[str, Path]] = {}
     pending = [("", Digest(action.input_root_digest.hash, action.input_root_digest.size_bytes))]
     while pending:
         folder, digest = pending.pop()
@@ -177,12 +209,77 @@ def input_files(key: ActionKey, spec: SandboxSpec) -> dict[Digest, Path]:
                 continue
             for mount in mounts:
                 if rel == mount.target or rel.startswith(mount.target + "/"):
-                    found[blob] = Path(mount.source + rel[len(mount.target):])
+                    found[blob] = (rel, Path(mount.source + rel[len(mount.target):]))
                     break
             else:
                 raise RemoteExecError(f'input "{rel}" of task ":{spec.task}" has no host file',
                                       reason=RemoteExecErrorReason.BAD_RESULT)
     return found
+
+
+class InputChanged(RemoteExecError):
+    """An input file no longer holds the bytes its digest in the Action names."""
+
+
+class _CheckedFile:
+    """An input file as an upload ``Source`` that hashes what it reads and
+    refuses to finish unless that matches the digest the Action was keyed with.
+
+    The file was hashed when the action key was made; a file edited since
+    would otherwise be sent, under its old digest, with other bytes.
+    ``chunks`` raises ``InputChanged`` (and sets ``changed``) instead of
+    ending, so a changed file never completes an upload: a batch is built
+    only once ``chunks`` ends, and a ByteStream Write sends ``finish_write``
+    only then. The piece that reaches the digest's size is also held back
+    until the end of the file is seen, for a server that commits once it has
+    that many bytes. The pieces before it go out as they are read: the file
+    is read once per try, and a look at its start (``worth_compressing``)
+    reads one piece.
+    """
+
+    def __init__(self, task: str, rel: str, path: Path, digest: Digest) -> None:
+        self.task = task
+        self.rel = rel  # the path in the input root, as the user knows it
+        self.path = path
+        self.digest = digest
+        self.size = digest.size
+        self.changed: InputChanged | None = None  # set when a read found other bytes
+
+    def chunks(self) -> Iterator[bytes]:
+        from hitz.executor.remote_bytestream import CHUNK
+
+        sha = hashlib.sha256()
+        size = 0
+        held = b""  # the piece that reaches the digest's size, sent once all is checked
+        try:
+            with open(self.path, "rb", buffering=0) as f:
+                while piece := f.read(CHUNK):
+                    sha.update(piece)
+                    size += len(piece)
+                    if size < self.digest.size:
+                        yield piece
+                    elif size > self.digest.size:
+                        break  # it grew: changed, whatever follows
+                    else:
+                        held = piece  # one more read must find the end
+        except OSError as exc:
+            raise self._changed(f"can't be read: {exc.strerror or exc}") from None
+        if size > self.digest.size:
+            raise self._changed(f"now longer than {self.digest.size} bytes, "
+                                "the size it was hashed at")
+        if size != self.digest.size or sha.hexdigest() != self.digest.hash:
+            raise self._changed(f"now {size} bytes, sha256 {sha.hexdigest()}; hashed as "
+                                f"{self.digest.size} bytes, sha256 {self.digest.hash}")
+        yield held
+
+    def _changed(self, detail: str) -> InputChanged:
+        self.changed = InputChanged(
+            f"input `{self.rel}` of task `:{self.task}` changed during the run",
+            detail=f"{self.path}: {detail}",
+            hint="run again once nothing edits the task's inputs; hitz sends only the "
+            "bytes it hashed",
+            reason=RemoteExecErrorReason.INPUT_CHANGED)
+        return self.changed
 
 
 # --- the backend --------------------------------------------------------------------
@@ -205,6 +302,9 @@ class _Job:
     started: float = 0.0  # monotonic, at release
     call: grpc.Call | None = None  # the Execute/WaitExecution stream being read
     operation: str = ""  # the server's operation name, once known
+
+
+logging.getLogger("grpc._channel").addFilter(_QuietInputChanged())
 
 
 class RemoteBackend:
@@ -367,10 +467,20 @@ class RemoteBackend:
             raise RemoteExecError(f"task `:{spec.task}` has no action to send to the remote "
                                   "executor", reason=RemoteExecErrorReason.BAD_RESULT)
         remote = self._remote_client()
-        blobs: dict[Digest, bytes | Path] = {**job.key.blobs, **input_files(job.key, spec)}
+        files = {digest: _CheckedFile(spec.task, rel, path, digest)
+                 for digest, (rel, path) in _input_files(job.key, spec).items()}
+        blobs: dict[Digest, bytes | Source] = {**job.key.blobs, **files}
         if job.cancelled:
             raise _Cancelled
-        remote.upload_missing(blobs)
+        try:
+            remote.upload_missing(blobs)
+        except HitzError:
+            # A change found in a ByteStream upload surfaces as the failed
+            # Write (gRPC ends a call whose request iterator raised): say why.
+            for checked in files.values():
+                if checked.changed is not None:
+                    raise checked.changed from None
+            raise
         job.go.wait()
         if job.cancelled:
             raise _Cancelled
@@ -498,17 +608,29 @@ class RemoteBackend:
 
 def _connect(settings: RemoteSettings) -> RemoteCache:
     from hitz.executor.remote import RemoteCache
-    from hitz.executor.remote_errors import RemoteUnavailable
+    from hitz.executor.remote_config import load_token
+    from hitz.executor.remote_errors import RemoteError, RemoteErrorReason, RemoteUnavailable
 
+    token = load_token(env=settings.token_env, file=settings.token_file,
+                       table="remote", what="remote executor")
     try:
-        return RemoteCache.connect(settings.url, instance=settings.instance,
-                                   timeout_s=settings.timeout_s)
+        return RemoteCache.connect(settings.url, instance=settings.instance, token=token,
+                                   ca_file=settings.ca_file, timeout_s=settings.timeout_s)
     except RemoteUnavailable as exc:
         raise RemoteExecError(
             f"remote executor {settings.url} is unreachable", detail=exc.detail,
             hint="check that the server runs and the address in `[remote] executor` "
             "(or --remote-executor) is right",
             reason=RemoteExecErrorReason.UNREACHABLE, retryable=True) from exc
+    except RemoteError as exc:
+        if exc.reason is not RemoteErrorReason.UNAUTHENTICATED:
+            raise
+        # The CAS client's words are about `[cache]`; these credentials are `[remote]`'s.
+        raise RemoteExecError(
+            f"remote executor {settings.url} refused hitz's credentials", detail=exc.detail,
+            hint="give it a token with `token_env` or `token_file` in `[remote]`; the token "
+            "itself never goes in hitz.toml",
+            reason=RemoteExecErrorReason.UNAUTHENTICATED) from exc
 
 
 def _check_execution(remote: RemoteCache) -> None:

@@ -35,6 +35,7 @@ import contextlib
 import errno
 import ipaddress
 import logging
+import os
 import signal
 import socket
 import sys
@@ -61,7 +62,7 @@ from hitz.executor.server_border import (
     zstd_compress,
     zstd_decompress,
 )
-from hitz.executor.server_bytestream import ByteStreamService, Uploads
+from hitz.executor.server_bytestream import MAX_PARTIAL_UPLOADS, ByteStreamService, Uploads
 from hitz.executor.store import Digest, Store, default_folder
 from hitz.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from hitz.protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
@@ -86,6 +87,9 @@ MAX_BATCH_TOTAL_SIZE = 4 << 20  # blob bytes per batch call; bigger goes through
 GRPC_MESSAGE_LIMIT = 16 << 20
 WORKERS = 32  # calls served at once; a waiting ByteStream Write holds one
 DRAIN_S = 10.0  # on SIGTERM/SIGINT, how long calls in flight may take to finish
+# Partial ByteStream uploads kept open at most, over MAX_PARTIAL_UPLOADS
+# (docs/cache-server.md); tests set a small one.
+ENV_MAX_PARTIAL = "HITZ_SERVE_MAX_PARTIAL_UPLOADS"
 TREE_PAGE_DIRECTORIES = 1000  # GetTree page size when the client names none
 TREE_PAGE_BYTES = 2 << 20  # and a page stays under this, to fit gRPC's limit
 INLINE_BYTES = 1 << 20  # GetActionResult inlines stdout/stderr/files up to this in all
@@ -386,9 +390,10 @@ class CacheServer:
     owns the store and closes it after ``stop``.
     """
 
-    def __init__(self, store: Store, *, workers: int = WORKERS) -> None:
+    def __init__(self, store: Store, *, workers: int = WORKERS,
+                 max_partial_uploads: int = MAX_PARTIAL_UPLOADS) -> None:
         self.store = store
-        self.uploads = Uploads(store)
+        self.uploads = Uploads(store, max_partial=max_partial_uploads)
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reapi"),
             options=[
@@ -442,6 +447,7 @@ def serve(listen: str, cache_dir: str | None) -> int:
     from hitz.executor.runner import DEFAULT_CACHE_BYTES
 
     host, port = parse_listen(listen)
+    max_partial = _max_partial_uploads(os.environ.get(ENV_MAX_PARTIAL))
     folder = Path(cache_dir) if cache_dir else default_folder()
     _log_to_stderr()
     with _StopSignals() as signals, contextlib.ExitStack() as cleanup:
@@ -449,7 +455,7 @@ def serve(listen: str, cache_dir: str | None) -> int:
         # record_run=False: serving is not a run of tasks, whose hit rate
         # `hitz cache stats` reports; the store's growth is still recorded.
         cleanup.callback(store.close, record_run=False)
-        server = CacheServer(store)
+        server = CacheServer(store, max_partial_uploads=max_partial)
         cleanup.callback(server.close)
         signals.on_second = lambda: server.stop(None)
         address = _grpc_address(host, server.start(host, port))
@@ -464,6 +470,22 @@ def serve(listen: str, cache_dir: str | None) -> int:
         sys.stderr.flush()
         server.stop(DRAIN_S).wait()
     return 130 if signum == signal.SIGINT else 0
+
+
+def _max_partial_uploads(text: str | None) -> int:
+    """``$HITZ_SERVE_MAX_PARTIAL_UPLOADS``, a whole number >= 1; the default if unset."""
+    if text is None or not text.strip():
+        return MAX_PARTIAL_UPLOADS
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise UsageError(
+            f"${ENV_MAX_PARTIAL} must be a whole number of uploads, at least 1, got `{text}`",
+            hint=f"unset it for the default ({MAX_PARTIAL_UPLOADS}), or set for example "
+            f"`{ENV_MAX_PARTIAL}=1024`")
+    return value
 
 
 # What signal.signal() returns and takes: a function, SIG_DFL/SIG_IGN, or None.

@@ -32,7 +32,12 @@ reports its ``committed_size`` (bytes received, compressed for a compressed
 write), and a Write whose first ``write_offset`` equals it carries on (0
 starts over). Partial uploads live in the store's ``tmp/`` as long as the
 server runs; one untouched for ``UPLOAD_IDLE_S`` is dropped, and a ``Store``
-opened on the folder removes the files of servers that are gone.
+opened on the folder removes the files of servers that are gone. Each holds
+an open file, so at most ``MAX_PARTIAL_UPLOADS`` are kept: a new upload
+beyond that drops the least recently used one no Write is using. A dropped
+upload is unknown to ``QueryWriteStatus`` (NOT_FOUND), so its client starts
+over at offset 0, as after the idle sweep (simpler than reopening the temp
+file, and a zstd decoder's state could not be reopened anyway).
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from __future__ import annotations
 import re
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -71,6 +77,10 @@ __all__ = [
 READ_CHUNK = 1 << 20  # bytes per ReadResponse: well under gRPC's 4 MiB message limit
 UPLOADS_FOLDER = "server-uploads"  # where servers before Store.blob_writer kept uploads
 UPLOAD_IDLE_S = 3600.0  # a partial upload untouched this long is dropped
+# Partial uploads kept at most (each holds an open temp file): beyond it the
+# least recently used idle one is dropped, so abandoned uploads can't use up
+# the process's file descriptors (1,024 by default).
+MAX_PARTIAL_UPLOADS = 256
 SWEEP_EVERY_S = 60.0  # how often a new Write looks for idle uploads
 
 READ_FORMS = "`{instance}/blobs/{hash}/{size}` or `{instance}/compressed-blobs/zstd/{hash}/{size}`"
@@ -241,8 +251,11 @@ class Uploads:
     swept by the next ``Store`` on the folder.
     """
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, *, max_partial: int = MAX_PARTIAL_UPLOADS) -> None:
+        if max_partial < 1:
+            raise ValueError(f"max_partial must be at least 1, got {max_partial}")
         self.store = store
+        self.max_partial = max_partial
         # Servers before BlobWriter kept partial uploads in a folder of their own.
         old = store.folder / UPLOADS_FOLDER
         if old.is_dir():
@@ -250,6 +263,8 @@ class Uploads:
                 store_gc.sweep_temps(str(old))
         self._lock = threading.Lock()  # guards the dict and every Upload's busy/used
         self._by_name: dict[str, Upload] = {}
+        # The uploads holding a temp file open, least recently begun first.
+        self._partial: OrderedDict[str, Upload] = OrderedDict()
         self._swept = time.monotonic()
 
     def begin(self, name: str, blob: BlobName) -> Upload:
@@ -266,11 +281,36 @@ class Uploads:
                 raise RequestRejected(f"another Write of `{name}` is in progress",
                                       reason=RequestReason.BUSY)
             if upload is None or upload.complete:
+                self._make_room_locked()
                 upload = Upload(name, blob, self.store)
                 self._by_name[name] = upload
+            self._partial[name] = upload
+            self._partial.move_to_end(name)
             upload.busy = True
             upload.used = now
             return upload
+
+    def _make_room_locked(self) -> None:
+        """Drop least recently used idle partial uploads until a new one fits
+        under ``max_partial``. Uploads a Write is using are never dropped: with
+        that many Writes at once, the cap is exceeded until they end."""
+        for name, upload in list(self._partial.items()):
+            if len(self._partial) < self.max_partial:
+                return
+            if not upload.busy:
+                self._forget_locked(name, upload)
+
+    def _forget_locked(self, name: str, upload: Upload) -> None:
+        if self._by_name.get(name) is upload:
+            del self._by_name[name]
+        if self._partial.get(name) is upload:
+            del self._partial[name]
+        upload.close()
+
+    def partial(self) -> int:
+        """How many partial uploads are held (each with an open temp file)."""
+        with self._lock:
+            return len(self._partial)
 
     def end(self, upload: Upload) -> None:
         with self._lock:
@@ -281,13 +321,14 @@ class Uploads:
         """Mark ``upload`` complete: its file is gone, its record stays for QueryWriteStatus."""
         upload.close()
         upload.complete = True
+        with self._lock:
+            if self._partial.get(upload.name) is upload:
+                del self._partial[upload.name]
 
     def drop(self, upload: Upload) -> None:
         """Forget ``upload`` and remove its file (its bytes were wrong)."""
         with self._lock:
-            if self._by_name.get(upload.name) is upload:
-                del self._by_name[upload.name]
-        upload.close()
+            self._forget_locked(upload.name, upload)
 
     def find(self, name: str) -> Upload | None:
         with self._lock:
@@ -297,6 +338,7 @@ class Uploads:
         """Remove every temp file; for when the server stops."""
         with self._lock:
             uploads, self._by_name = list(self._by_name.values()), {}
+            self._partial.clear()
         for upload in uploads:
             upload.close()
 
@@ -304,8 +346,7 @@ class Uploads:
         self._swept = now
         for name, upload in list(self._by_name.items()):
             if not upload.busy and now - upload.used > UPLOAD_IDLE_S:
-                del self._by_name[name]
-                upload.close()
+                self._forget_locked(name, upload)
 
 
 # --- the service ----------------------------------------------------------------------

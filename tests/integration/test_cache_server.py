@@ -82,15 +82,17 @@ class ServedCache:
         self.proc.wait()
 
 
-def start_server(cache_dir: Path, log: Path, listen: str = "127.0.0.1:0") -> ServedCache:
-    """Start `hitz cache serve` and return once it says it is serving."""
+def start_server(cache_dir: Path, log: Path, listen: str = "127.0.0.1:0",
+                 env: dict[str, str] | None = None) -> ServedCache:
+    """Start `hitz cache serve` (``env`` added to its environment) and return once
+    it says it is serving."""
     with open(log, "wb") as stderr:
         proc = subprocess.Popen(
             [*HITZ, "cache", "serve", "--listen", listen, "--cache-dir", str(cache_dir)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=stderr,
-            env={**os.environ, "NO_COLOR": "1"},
+            env={**os.environ, "NO_COLOR": "1", **(env or {})},
             start_new_session=True,  # signals from the test reach the server alone
             preexec_fn=_default_signals,
         )
@@ -423,6 +425,46 @@ def test_a_cancelled_write_can_be_resumed(server: ServedCache, stubs: Stubs) -> 
     assert wait_for(resumed, "the resumed write to be accepted") == len(data)
     assert read(stubs, blob_name(data)) == data
     assert "error" not in server.stderr(), server.stderr()
+
+
+def test_partial_uploads_beyond_the_cap_are_dropped_least_recently_used_first(
+        tmp_path: Path) -> None:
+    served = start_server(tmp_path / "cache", tmp_path / "serve.log",
+                          env={"HITZ_SERVE_MAX_PARTIAL_UPLOADS": "3"})
+    try:
+        with grpc.insecure_channel(served.address) as channel:
+            stubs = Stubs(re_grpc.ContentAddressableStorageStub(channel),
+                          re_grpc.ActionCacheStub(channel), re_grpc.CapabilitiesStub(channel),
+                          bs_grpc.ByteStreamStub(channel))
+            blobs = [mixed_bytes(100_000, seed=20 + n) for n in range(5)]
+            names = [upload_name(data) for data in blobs]
+            for data, name in zip(blobs, names, strict=True):  # five abandoned uploads
+                assert write(stubs, name, data[:1000], finish=False) == 1000
+
+            # The two oldest were dropped (NOT_FOUND: -1), so a client starts over at 0.
+            assert [committed_size(stubs, name) for name in names] == [-1, -1, 1000, 1000, 1000]
+            fds = f"/proc/{served.proc.pid}/fd"
+            open_temps = [link for link in (os.readlink(f"{fds}/{fd}") for fd in os.listdir(fds))
+                          if link.startswith(f"{served.cache_dir}/") and "/tmp/" in link]
+            assert len(open_temps) == 3, open_temps
+
+            # A dropped upload restarts from 0; a kept one resumes where it was.
+            assert write(stubs, names[0], blobs[0]) == len(blobs[0])
+            assert write(stubs, names[4], blobs[4][1000:], offset=1000) == len(blobs[4])
+            assert read(stubs, blob_name(blobs[0])) == blobs[0]
+            assert read(stubs, blob_name(blobs[4])) == blobs[4]
+    finally:
+        served.kill()
+
+
+def test_a_bad_partial_upload_cap_is_a_usage_error(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [*HITZ, "cache", "serve", "--listen", "127.0.0.1:0", "--cache-dir", str(tmp_path)],
+        env={**os.environ, "NO_COLOR": "1", "HITZ_SERVE_MAX_PARTIAL_UPLOADS": "0"},
+        capture_output=True, text=True, timeout=CALL_GUARD_S, check=False)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("error: $HITZ_SERVE_MAX_PARTIAL_UPLOADS must be a whole "
+                                  "number of uploads, at least 1, got `0`\n"), done.stderr
 
 
 def test_write_at_an_offset_that_does_not_follow_on_is_refused(stubs: Stubs) -> None:

@@ -1056,3 +1056,41 @@ def test_deep_nesting_is_an_error_or_a_partial_scan(project: Path) -> None:
 def test_quoted_task_names_get_their_header_line(project: Path) -> None:
     manifest = load_text('[tasks."v1.2"]\nrun = "x"\n\n[tasks.b]\nrun = "y"\n')
     assert [(t.name, t.line) for t in manifest.tasks.values()] == [("v1.2", 1), ("b", 4)]
+
+
+# --- [remote]: the executor's token and CA file ---------------------------------------
+
+
+def test_remote_takes_the_token_and_ca_keys_of_cache(project: Path) -> None:
+    manifest = load_text("""\
+        [remote]
+        executor = "grpcs://build.example.com:443"
+        token_env = "HITZ_EXEC_TOKEN"
+        ca_file = "certs/ca.pem"
+
+        [tasks.t]
+        run = "true"
+        """)
+    assert (manifest.remote_executor, manifest.remote_token_env, manifest.remote_token_file,
+            manifest.remote_ca_file) == ("grpcs://build.example.com:443", "HITZ_EXEC_TOKEN",
+                                         None, "certs/ca.pem")
+
+
+@pytest.mark.parametrize("keys, message", [
+    ('token_env = "not a name"',
+     'hitz.toml:3: "token_env" must name an environment variable, got "not a name"'),
+    ('token_env = "T"\ntoken_file = "t"', 'hitz.toml:4: set "token_env" or "token_file", not both'),
+    ('ca_file = " "', 'hitz.toml:3: "ca_file" must be a path, got ""'),
+    ('token_file = ""', 'hitz.toml:3: "token_file" must be a path, got ""'),
+])
+def test_remote_token_and_ca_errors_name_the_line(project: Path, keys: str, message: str) -> None:
+    exc = error(f'[remote]\nexecutor = "grpc://127.0.0.1:8980"\n{keys}\n\n'
+                '[tasks.t]\nrun = "true"\n')
+    assert exc.message == message
+    assert exc.reason is R.BAD_VALUE
+
+
+def test_a_token_in_remote_is_an_unknown_key(project: Path) -> None:
+    exc = error('[remote]\ntoken = "s3cret"\n\n[tasks.t]\nrun = "true"\n')
+    assert exc.reason is R.UNKNOWN_KEY
+    assert "s3cret" not in exc.message

@@ -90,3 +90,16 @@ def test_an_unwritable_cache_folder_only_loses_the_speed_up(tmp_path: Path) -> N
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("")
     assert load(path, cache_dir=blocker).tasks == load(path).tasks
+
+
+def test_the_cache_keeps_the_remote_token_and_ca_settings(tmp_path: Path) -> None:
+    path = write(tmp_path, MANIFEST + '\n[remote]\nexecutor = "grpcs://build.example.com:443"\n'
+                 'instance = "ci"\ntoken_file = "secrets/token"\nca_file = "ca.pem"\n')
+    load(path, cache_dir=tmp_path / ".hitz")
+    cached = json.loads((tmp_path / ".hitz" / "manifest.json").read_text())
+    assert cached["remote"] == ["grpcs://build.example.com:443", "ci", None, "secrets/token",
+                                "ca.pem"]
+    again = load(path, cache_dir=tmp_path / ".hitz")
+    assert (again.remote_executor, again.remote_instance, again.remote_token_env,
+            again.remote_token_file, again.remote_ca_file) == (
+        "grpcs://build.example.com:443", "ci", None, "secrets/token", "ca.pem")
