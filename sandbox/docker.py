@@ -45,8 +45,17 @@ never waits for the engine: it hands work to the threads, enforces
 deadlines (kills go through a small pool) and takes results from a queue
 in ``wait``.
 
+What a container is made of (binds, seccomp JSON, masked paths) is
+computed by ``docker_config.py``; what a task used (CPU time, peak memory)
+is read from its cgroup by ``docker_usage.py`` while it runs, since the
+cgroup is gone as soon as the task exits.
+
 Docker SDK and requests exceptions are translated here, once, by
-``_engine_errors``; nothing above this module sees them.
+``_engine_errors``; nothing above this module sees them. Every call into
+the SDK that can raise (engine requests, and ``create_host_config``, which
+refuses options the engine's API version lacks) runs inside it. An engine
+older than API ``MIN_API`` is refused at connection: it would silently
+ignore options hitz relies on.
 """
 
 from __future__ import annotations
@@ -70,10 +79,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hitz.sandbox import landlock, report
+from hitz.sandbox.docker_config import input_binds, masked_paths, seccomp_option, staging_folders
+from hitz.sandbox.docker_usage import SAMPLE_S, CgroupUsage
 from hitz.sandbox.errors import SandboxError, SandboxErrorReason, SandboxUnavailable
 from hitz.sandbox.outputs import OutputRejected, collect
-from hitz.sandbox.policy import Landlock, Policy, Seccomp
-from hitz.sandbox.spec import Network, SandboxResult, SandboxSpec, Status
+from hitz.sandbox.policy import Policy, Seccomp
+from hitz.sandbox.spec import Network, SandboxResult, SandboxSpec, Status, Usage
 
 if TYPE_CHECKING:
     import docker
@@ -88,6 +99,7 @@ _POOL_WORKERS = 4  # kills and removals; each task's own thread does the rest
 _REAP_GRACE_S = 10.0  # engine calls at start-up (ping, reap) may take this long
 _API_TIMEOUT_S = 120  # one engine call; a hung engine fails the run, not hangs it
 DEFAULT_HOST = "unix:///var/run/docker.sock"
+MIN_API = "1.41"  # the oldest engine API with every option hitz sets (cgroupns)
 
 
 class DockerUnavailable(SandboxUnavailable):
@@ -117,10 +129,27 @@ def _unreachable(detail: str) -> DockerUnavailable:
     )
 
 
+def _too_old(engine_api: str | None, needed: str) -> DockerUnavailable:
+    speaks = f"speaks API {engine_api}" if engine_api else "speaks an older API"
+    return DockerUnavailable(
+        f"the Docker engine at `{engine_address()}` {speaks}; hitz needs {needed} "
+        f"(Docker 20.10 or newer)",
+        hint='upgrade the engine (`docker version` shows its API version), or run the task '
+        'with backend = "namespace"')
+
+
+# The engine's words when the client asks for a newer API than it speaks.
+_TOO_NEW = re.compile(r"client version (\d+\.\d+) is too new.*API version is (\d+\.\d+)",
+                      re.IGNORECASE | re.DOTALL)
+
+
 @contextlib.contextmanager
-def _engine_errors(what: str) -> Iterator[None]:
+def _engine_errors(what: str, engine_api: str | None = None) -> Iterator[None]:
     """The border: Docker SDK and requests exceptions become hitz errors in
-    the user's words. ``what`` completes "the Docker engine could not ..."."""
+    the user's words. ``what`` completes "the Docker engine could not ...";
+    ``engine_api`` is the API version the client negotiated, named when the
+    engine turns out too old for an option hitz sets (InvalidVersion: the
+    SDK refuses before it asks, e.g. ``cgroupns`` below API 1.41)."""
     import docker.errors
     import requests.exceptions
 
@@ -129,7 +158,15 @@ def _engine_errors(what: str) -> Iterator[None]:
     except docker.errors.ImageNotFound as exc:
         raise ImageMissing(f"the Docker engine has no image for {what}: "
                            f"{exc.explanation or exc}") from exc
+    except docker.errors.InvalidVersion as exc:
+        found = re.search(r"(\d+\.\d+)", str(exc))
+        needed = max(found.group(1), MIN_API, key=_api_tuple) if found else MIN_API
+        raise _too_old(engine_api, needed) from exc
     except docker.errors.APIError as exc:
+        too_new = _TOO_NEW.search(str(exc.explanation or exc))
+        if too_new:
+            raise _too_old(too_new.group(2), max(too_new.group(1), MIN_API,
+                                                 key=_api_tuple)) from exc
         raise SandboxError(
             f"the Docker engine could not {what}: {exc.explanation or exc}",
             reason=SandboxErrorReason.SETUP_FAILED,
@@ -140,6 +177,10 @@ def _engine_errors(what: str) -> Iterator[None]:
         raise _unreachable(_first_line(exc)) from exc
     except OSError as exc:  # the attach socket
         raise _unreachable(exc.strerror or str(exc)) from exc
+
+
+def _api_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split("."))
 
 
 def _first_line(exc: BaseException) -> str:
@@ -163,7 +204,20 @@ def connect() -> docker.DockerClient:
         client = docker.DockerClient(base_url=engine_address(), version="auto",
                                      timeout=_API_TIMEOUT_S, max_pool_size=32)
         client.api.ping()
+    _check_api(client.api.api_version)
     return client
+
+
+def _check_api(engine_api: str) -> None:
+    """Fail closed on an engine older than ``MIN_API``: it would ignore the
+    options it does not know (``cgroupns`` below 1.41) and run the task
+    with less isolation than asked. Raises DockerUnavailable."""
+    try:
+        too_old = _api_tuple(engine_api) < _api_tuple(MIN_API)
+    except ValueError:
+        too_old = False  # not a version: the engine's own answers will say more
+    if too_old:
+        raise _too_old(engine_api, MIN_API)
 
 
 class _Probe:
@@ -216,6 +270,10 @@ def check_engine(docker_refs: dict[str, str]) -> None:
     status, _ = probe.get("/_ping")
     if status != 200:
         raise _unreachable(f"it answered {status} to a ping")
+    status, body = probe.get("/version")
+    if status == 200:
+        with contextlib.suppress(ValueError, AttributeError):
+            _check_api(str(json.loads(body).get("ApiVersion", "")))
     for ref, task in docker_refs.items():
         name, _, digest = ref.partition("@")
         if probe.get(f"/images/{quote(ref, safe='')}/json")[0] == 200:
@@ -353,6 +411,7 @@ class _Task:
     term_sent_at: float | None = None
     killed: bool = False
     output_exceeded: bool = False
+    usage: Usage = field(default_factory=Usage)  # the last cgroup sample, once it ended
     thread: threading.Thread | None = None
 
 
@@ -563,7 +622,7 @@ class DockerBackend:
         config = self._container_config(spec, image)
         if t.cancelled:
             return self._ended(t, Status.CANCELLED, None, "cancelled")
-        with _engine_errors(f"create the container of task `:{spec.task}`"):
+        with _engine_errors(f"create the container of task `:{spec.task}`", api.api_version):
             try:
                 t.container = str(api.create_container(**config)["Id"])
             except docker.errors.APIError as exc:
@@ -582,11 +641,16 @@ class DockerBackend:
             t.go.wait()
             if t.cancelled:
                 return self._ended(t, Status.CANCELLED, None, "cancelled")
+            # Found and read before the go byte: the cgroup exists from
+            # `start` on, and is gone as soon as the task's last process
+            # exits, maybe before a task that quick is ever sampled again.
+            usage = CgroupUsage(t.container)
+            usage.sample()
             if t.timed_out:  # its deadline passed while the engine was still starting it
                 self._signal(t, "SIGKILL")
             else:
                 sock.sendall(b"G")
-            streams = self._stream(t, sock)
+            streams = self._stream(t, sock, usage)
         finally:
             sock.close()
             attached.close()
@@ -595,6 +659,7 @@ class DockerBackend:
             oom = False
             if code != 0 and spec.policy.limits.memory is not None:
                 oom = self._oom_killed(api, t, code)
+        t.usage = usage.usage()
         return self._result(t, code, oom, streams)
 
     def _oom_killed(self, api: Any, t: _Task, code: int) -> bool:
@@ -695,9 +760,10 @@ class DockerBackend:
         keys = list(spec.env)
         entrypoint = [INIT_PATH, *landlock.arguments(spec), str(len(keys)), *keys, "--",
                       *spec.argv]
-        client = self._client()
-        made = client.api.create_host_config(
-            **{k: v for k, v in host_config.items() if v is not None})
+        api = self._client().api
+        with _engine_errors(f"make the container of task `:{spec.task}`", api.api_version):
+            made = api.create_host_config(
+                **{k: v for k, v in host_config.items() if v is not None})
         # What /proc shows of the host, hidden as the namespace sandbox hides
         # it (Docker's own list is shorter: it leaves kallsyms, kmsg, the
         # hardware folders). Setting these replaces Docker's defaults, which
@@ -718,10 +784,11 @@ class DockerBackend:
             "host_config": made,
         }
 
-    def _stream(self, t: _Task, sock: socket.socket) -> tuple[int, bytes]:
+    def _stream(self, t: _Task, sock: socket.socket, usage: CgroupUsage) -> tuple[int, bytes]:
         """Copy the task's multiplexed stdout/stderr into its log files, up to
-        the policy's cap (more kills it). Returns (bytes seen, the first
-        bytes of stderr: a failed init step is reported there)."""
+        the policy's cap (more kills it), and sample its cgroup meanwhile
+        (docker_usage.py says why). Returns (bytes seen, the first bytes of
+        stderr: a failed init step is reported there)."""
         spec = t.spec
         cap = spec.policy.limits.output
         files: dict[int, Any] = {}
@@ -729,9 +796,22 @@ class DockerBackend:
         seen = 0
         head = b""
         buf = b""
+        sampled = time.monotonic()
+        if usage.found:
+            sock.settimeout(SAMPLE_S)
         try:
             while True:
-                chunk = sock.recv(1 << 16)
+                try:
+                    chunk = sock.recv(1 << 16)
+                except TimeoutError:  # quiet for SAMPLE_S: only the sample is due
+                    chunk = None
+                # Also at the end of the stream: the task may have just
+                # exited, and its cgroup may still be there.
+                if usage.found and (not chunk or time.monotonic() - sampled >= SAMPLE_S):
+                    usage.sample()
+                    sampled = time.monotonic()
+                if chunk is None:
+                    continue
                 if not chunk:
                     break
                 buf += chunk
@@ -772,7 +852,8 @@ class DockerBackend:
         enforced, weakened = enforcement(t.spec)
         start = t.released_at if t.released_at is not None else t.created
         return SandboxResult(task=t.spec.task, status=status, exit_code=code,
-                             duration_s=time.monotonic() - start, outputs=outputs,
+                             duration_s=time.monotonic() - start, usage=t.usage,
+                             outputs=outputs,
                              message=message, enforced=enforced, weakened=weakened)
 
     def _result(self, t: _Task, code: int, oom: bool,
@@ -817,109 +898,6 @@ class DockerBackend:
             detail = f"{os.strerror(err)}: {text}" if err else text
             message = f"can't set up the container of task `:{t.spec.task}`: {step}: {detail}"
         return self._ended(t, Status.SETUP_FAILED, None, message)
-
-
-def staging_folders(spec: SandboxSpec, uid: int, gid: int) -> list[tuple[str, str]]:
-    """Make the staging folders a task writes its outputs into (every
-    writable root, and each folder a declared output needs inside one),
-    owned by the container's user. Returns (project-relative root, host
-    folder) of each writable root, parents first, as plan.py binds them."""
-    from hitz.sandbox.namespace.plan import writable_roots
-
-    roots = writable_roots(spec.outputs)
-    folders = {os.path.join(spec.staging_dir, root) if root else spec.staging_dir
-               for root in roots}
-    for out in spec.outputs:
-        rel = out.rstrip("/") if out.endswith("/") else os.path.dirname(out)
-        folders.add(os.path.join(spec.staging_dir, rel) if rel else spec.staging_dir)
-    for folder in sorted(folders):
-        os.makedirs(folder, exist_ok=True)
-        if (os.stat(folder).st_uid, os.stat(folder).st_gid) != (uid, gid):
-            os.chown(folder, uid, gid)
-    return [(root, os.path.join(spec.staging_dir, root) if root else spec.staging_dir)
-            for root in roots]
-
-
-def input_binds(spec: SandboxSpec) -> list[tuple[str, str]]:
-    """(host source, container target) of each declared input; an input
-    inside a directory input is visible through it and not bound again."""
-    binds: list[tuple[str, str]] = []
-    dirs: list[str] = []
-    for mount in sorted(spec.inputs, key=lambda m: m.target):
-        if any(mount.target == d or mount.target.startswith(d + "/") for d in dirs):
-            continue
-        if mount.is_dir:
-            dirs.append(mount.target)
-        binds.append((mount.source, f"{spec.cwd}/{mount.target}"))
-    return binds
-
-
-def seccomp_option(policy: Policy, task: str) -> str:
-    """The value of Docker's ``seccomp=`` security option for ``policy``:
-    the profile's JSON text (the engine takes content, not a path), or
-    "unconfined". Raises SandboxError for an unreadable or non-JSON file."""
-    from hitz.sandbox.docker_seccomp import render_default, render_strict
-
-    if policy.seccomp is Seccomp.UNCONFINED:
-        return "unconfined"
-    if policy.seccomp is Seccomp.STRICT:
-        return render_strict()
-    if policy.seccomp is Seccomp.PROFILE:
-        path = policy.seccomp_profile or ""
-        where = f"task `:{task}`: seccomp profile `{path}`"
-        try:
-            with open(path, "rb") as f:
-                text = f.read().decode()
-            profile = json.loads(text)
-        except (OSError, ValueError) as exc:
-            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"not JSON: {exc}"
-            raise SandboxError(f"{where}: {why}",
-                               hint="seccomp takes a profile in Docker's seccomp JSON format",
-                               reason=SandboxErrorReason.SETUP_FAILED) from exc
-        if not isinstance(profile, dict) or "defaultAction" not in profile:
-            raise SandboxError(f'{where}: not a Docker seccomp profile: no "defaultAction"',
-                               reason=SandboxErrorReason.SETUP_FAILED)
-        if policy.landlock is not Landlock.OFF:
-            _allow_landlock(profile)
-        return json.dumps(profile, separators=(",", ":"))
-    return render_default()
-
-
-def _allow_landlock(profile: dict[str, Any]) -> None:
-    """Let hitz's init apply Landlock under a profile file that does not
-    mention it. The namespace launcher applies Landlock before it installs
-    the profile; Docker installs the profile before the init runs, so an
-    allow-list that does not name these calls (Docker's own default of
-    20.10 does not) would make a kernel with Landlock look like one
-    without. These calls only ever take rights away; a profile that names
-    any of them is left as its author wrote it."""
-    from hitz.sandbox.docker_seccomp import LANDLOCK_SYSCALLS
-
-    if profile.get("defaultAction") == "SCMP_ACT_ALLOW":
-        return  # allowed already; runc refuses a rule repeating the default
-    rules = profile.get("syscalls")
-    if rules is None:
-        rules = profile["syscalls"] = []
-    if not isinstance(rules, list):
-        return  # the engine will say what is wrong with it
-    named = {name for rule in rules if isinstance(rule, dict)
-             for name in [*(rule.get("names") or []), rule.get("name")]
-             if isinstance(name, str)}
-    if named.isdisjoint(LANDLOCK_SYSCALLS):
-        rules.append({"names": list(LANDLOCK_SYSCALLS), "action": "SCMP_ACT_ALLOW"})
-
-
-# Docker's default masked paths (moby oci/defaults.go), then the namespace
-# sandbox's list (namespace/plan.py).
-_DOCKER_MASKED = ("/proc/asound", "/proc/acpi", "/proc/kcore", "/proc/keys",
-                  "/proc/latency_stats", "/proc/timer_list", "/proc/timer_stats",
-                  "/proc/sched_debug", "/proc/scsi", "/sys/firmware")
-
-
-def masked_paths() -> list[str]:
-    from hitz.sandbox.namespace.plan import _PROC_MASKED
-
-    return list(dict.fromkeys((*_DOCKER_MASKED, *_PROC_MASKED)))
 
 
 def enforcement(spec: SandboxSpec) -> tuple[dict[str, str], tuple[str, ...]]:

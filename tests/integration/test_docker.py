@@ -379,3 +379,39 @@ def test_closing_after_the_engine_went_away_does_not_hang(
     closer.start()
     wait_for(lambda: not closer.is_alive(), "close() to return")
     assert backend.running() == 0
+
+
+def _run_alone(tmp_path: Path, busybox: str, script: str) -> Any:
+    """``script``'s SandboxResult, run straight through the backend (the
+    reports do not show resource usage)."""
+    from hitz.sandbox.docker import DockerBackend
+    from hitz.sandbox.spec import SandboxSpec, Status
+
+    (tmp_path / "staging").mkdir(parents=True)
+    backend = DockerBackend()
+    try:
+        backend.start(SandboxSpec("usage", ("/bin/sh", "-c", script), {}, (), (),
+                                  str(tmp_path / "staging"), str(tmp_path / "out"),
+                                  str(tmp_path / "err"), backend="docker", rootfs=busybox))
+        (result,) = backend.wait()
+    finally:
+        backend.close()
+    assert result.status is Status.SUCCEEDED, result
+    return result
+
+
+def test_resource_usage_is_read_from_the_container_cgroup(tmp_path: Path, busybox: str) -> None:
+    # 64 MB held in a shell variable, then ~0.3 s and more of busy loop
+    # (on the reference machine) while it is still held.
+    held = 64_000_000
+    script = (f"x=$(head -c {held} /dev/zero | tr '\\0' a); i=0\n"
+              "while [ $i -lt 300000 ]; do i=$((i+1)); done; echo ${#x}\n")
+    busy = _run_alone(tmp_path / "busy", busybox, script)
+    assert (tmp_path / "busy/out").read_text() == f"{held}\n"
+    assert busy.usage.user_s > 0.1, busy.usage
+    assert busy.usage.max_rss_kib > held // 1024, busy.usage
+    # Read at least once (before the go byte): the init's own few pages.
+    trivial = _run_alone(tmp_path / "trivial", busybox, "true")
+    assert trivial.usage.max_rss_kib > 0, trivial.usage
+    assert trivial.usage.user_s < 0.05, trivial.usage
+    assert trivial.usage.max_rss_kib < 16 * 1024, trivial.usage
