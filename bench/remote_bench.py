@@ -23,52 +23,28 @@ Progress goes to stderr, a Markdown table to stdout.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import platform
-import re
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
+
+from server_bench import served  # the same `hitz cache serve`, started the same way
 
 from hitz.executor.remote import RemoteCache
 from hitz.executor.store import Digest
 from hitz.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 
 MIB = 1 << 20
-READY = re.compile(r"serving REAPI cache at (\S+) ")
 
 
 def log(text: str) -> None:
     sys.stderr.write(text + "\n")
     sys.stderr.flush()
-
-
-@contextlib.contextmanager
-def served(cache_dir: Path) -> Iterator[str]:
-    """A `hitz cache serve` on ``cache_dir``; its address."""
-    stderr = cache_dir.parent / "serve.log"
-    with open(stderr, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "hitz.executor", "cache", "serve", "--listen", "127.0.0.1:0",
-             "--cache-dir", str(cache_dir)], stdout=subprocess.DEVNULL, stderr=out)
-    try:
-        deadline = time.monotonic() + 30
-        while not (found := READY.search(stderr.read_text())):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"hitz cache serve did not start:\n{stderr.read_text()}")
-            time.sleep(0.02)
-        yield found.group(1)
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
 
 
 def timed(fn: Callable[[], object]) -> float:

@@ -40,6 +40,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import grpc
 import pytest
@@ -196,18 +197,18 @@ def _tail(log: Path, lines: int = 40) -> str:
 
 
 @contextlib.contextmanager
-def _serving(name: str, argv: Callable[[int], Sequence[str]], log: Path, *,
-             stop_signal: int = signal.SIGTERM) -> Iterator[Peer]:
-    """Start ``argv(port)`` on a free port until it answers GetCapabilities there;
-    stop it by its PID on exit. Retries on another port if it exits early."""
+def _on_free_port(name: str, log: Path, spawn: Callable[[int, BinaryIO], subprocess.Popen[bytes]],
+                  ready: Callable[[int], Callable[[], bool]],
+                  stop_signal: int) -> Iterator[tuple[int, int]]:
+    """Start ``spawn(port, log file)`` on a free port until ``ready(port)()``;
+    yield (port, pid), then stop it by its PID with ``stop_signal``. Retries
+    on another port if it exits early (perhaps the port was taken meanwhile)."""
     for attempt in range(1, START_ATTEMPTS + 1):
         port = free_port()
-        address = f"127.0.0.1:{port}"
         with open(log, "ab") as out:
-            proc = subprocess.Popen(list(argv(port)), stdin=subprocess.DEVNULL, stdout=out,
-                                    stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+            proc = spawn(port, out)
         try:
-            _wait(proc, name, log, _answers_capabilities(address))
+            _wait(proc, name, log, ready(port))
         except PeerError:
             exited = proc.poll() is not None  # by itself: perhaps the port was taken
             _stop(proc, signal.SIGKILL)
@@ -218,10 +219,27 @@ def _serving(name: str, argv: Callable[[int], Sequence[str]], log: Path, *,
             _stop(proc, signal.SIGKILL)
             raise
         try:
-            yield Peer(name, address, proc.pid, log)
+            yield port, proc.pid
         finally:
             _stop(proc, stop_signal)
         return
+
+
+@contextlib.contextmanager
+def _serving(name: str, argv: Callable[[int], Sequence[str]], log: Path, *,
+             stop_signal: int = signal.SIGTERM) -> Iterator[Peer]:
+    """Start ``argv(port)`` on a free port until it answers GetCapabilities there;
+    stop it by its PID on exit."""
+
+    def spawn(port: int, out: BinaryIO) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(list(argv(port)), stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+
+    def ready(port: int) -> Callable[[], bool]:
+        return _answers_capabilities(f"127.0.0.1:{port}")
+
+    with _on_free_port(name, log, spawn, ready, stop_signal) as (port, pid):
+        yield Peer(name, f"127.0.0.1:{port}", pid, log)
 
 
 # --- the peers ------------------------------------------------------------------------
@@ -308,51 +326,38 @@ def start_postgres(folder: Path) -> Iterator[int]:
         if as_root:
             shutil.chown(home, "postgres", "postgres")
         log = folder / "postgres.log"
-        for attempt in range(1, START_ATTEMPTS + 1):
-            port = free_port()
+
+        def spawn(port: int, out: BinaryIO) -> subprocess.Popen[bytes]:
             argv = [str(pg_bin / "postgres"), "-D", str(data),
                     "-c", "listen_addresses=127.0.0.1", "-c", f"port={port}",
                     "-c", f"unix_socket_directories={home}", "-c", "max_connections=200",
                     # A throwaway database: durability buys nothing here.
                     "-c", "fsync=off", "-c", "synchronous_commit=off",
                     "-c", "full_page_writes=off"]
-            with open(log, "ab") as out:
-                proc = subprocess.Popen(
-                    argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                    user="postgres" if as_root else None, group="postgres" if as_root else None,
-                    extra_groups=[] if as_root else None, preexec_fn=_die_with_parent)
+            return subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                user="postgres" if as_root else None, group="postgres" if as_root else None,
+                extra_groups=[] if as_root else None, preexec_fn=_die_with_parent)
 
-            def ready(port: int = port) -> bool:
-                return subprocess.run(
-                    [str(pg_bin / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(port)],
-                    check=False).returncode == 0
+        def ready(port: int) -> Callable[[], bool]:
+            return lambda: subprocess.run(
+                [str(pg_bin / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(port)],
+                check=False).returncode == 0
 
-            try:
-                _wait(proc, "PostgreSQL", log, ready)
-            except PeerError:
-                exited = proc.poll() is not None
-                _stop(proc, signal.SIGKILL)
-                if attempt == START_ATTEMPTS or not exited:
-                    raise
-                continue
-            except BaseException:
-                _stop(proc, signal.SIGKILL)
-                raise
-            try:
-                yield port
-            finally:
-                # SIGINT is PostgreSQL's "fast shutdown": end sessions, stop now.
-                _stop(proc, signal.SIGINT)
-            return
+        # SIGINT is PostgreSQL's "fast shutdown": end sessions, stop now.
+        with _on_free_port("PostgreSQL", log, spawn, ready, signal.SIGINT) as (port, _):
+            yield port
     finally:
         shutil.rmtree(home, ignore_errors=True)
 
 
 @contextlib.contextmanager
-def start_buildgrid_full(folder: Path) -> Iterator[Peer]:
+def start_buildgrid_full(folder: Path, *, wildcard_keys: Sequence[str] = (),
+                         label: str = "execution") -> Iterator[Peer]:
     """BuildGrid with Execution, Operations and Bots, a disk CAS in ``folder``
     and a PostgreSQL of its own, on free ports. It has no worker: an Execute
-    waits until a bot takes it."""
+    waits until a bot takes it. ``wildcard_keys``: the platform properties an
+    Execute may carry besides OSFamily and ISA (BuildGrid refuses others)."""
     bgd = _tool("bgd/bin/bgd")
     folder.mkdir(parents=True, exist_ok=True)
     cas = folder / "bgd-cas"
@@ -361,10 +366,11 @@ def start_buildgrid_full(folder: Path) -> Iterator[Peer]:
 
         def argv(port: int) -> list[str]:
             config = _bgd_config(folder, "bgd-full.yml", port, pg_port=str(pg_port),
-                                 cas_dir=str(cas.resolve()))
+                                 cas_dir=str(cas.resolve()),
+                                 wildcard=", ".join(f'"{key}"' for key in wildcard_keys))
             return [str(bgd), "server", "start", str(config)]
 
-        name = f"BuildGrid {installed().get('BUILDGRID_VERSION', '?')} (execution)"
+        name = f"BuildGrid {installed().get('BUILDGRID_VERSION', '?')} ({label})"
         with _serving(name, argv, folder / "bgd-full.log") as peer:
             yield peer
 

@@ -3,9 +3,9 @@
 tests/peers.py's ``buildgrid_full`` accepts Execute requests that carry only
 the platform keys OSFamily and ISA. hitz's Actions also carry ``hitz.rootfs``,
 ``hitz.sandbox``, ``hitz.network`` and ``hitz.policy`` (they are part of the
-cache key), so the server here lists them as *wildcard* keys: allowed in a
-request, not matched against a bot. OSFamily and ISA are matched: the worker
-advertises this host's.
+cache key), so the server here is tests/peers/bgd-full.yml with them listed
+as *wildcard* keys: allowed in a request, not matched against a bot. OSFamily
+and ISA are matched: the worker advertises this host's.
 
 ``buildgrid_exec`` is that server (PostgreSQL and the disk CAS from
 tests/peers.py's helpers), ``hitz_worker`` a ``hitz worker`` process serving
@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import string
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -30,92 +29,20 @@ from tests.peers import (
     PeerError,
     _as_fixture,
     _die_with_parent,
-    _serving,
     _stop,
-    _tool,
-    installed,
-    start_postgres,
+    start_buildgrid_full,
 )
 
 # The keys of hitz.executor.actions.platform_properties besides OSFamily and ISA.
 HITZ_KEYS = ("hitz.network", "hitz.policy", "hitz.rootfs", "hitz.sandbox")
 
-CONFIG = string.Template("""\
-# BuildGrid for hitz's remote-execution tests: tests/peers_exec.py.
-description: hitz tests, BuildGrid with execution and hitz's platform keys
-server:
-  - !channel
-    address: "127.0.0.1:${port}"
-    insecure-mode: true  # plain gRPC; loopback only
-authorization:
-  method: none
-connections:
-  - !sql-connection &sql
-    connection-string: postgresql://bgd:bgd@127.0.0.1:${pg_port}/bgd
-    pool-size: 5
-    max-overflow: 10
-storages:
-  - !disk-storage &cas
-    path: ${cas_dir}
-caches:
-  - !lru-action-cache &ac
-    storage: *cas
-    max-cached-refs: 100000
-    allow-updates: true
-    cache-failed-actions: true
-schedulers:
-  - !sql-scheduler &sched
-    sql: *sql
-    storage: *cas
-    action-cache: *ac
-    property-set: !dynamic-property-set
-      match-property-keys: []
-      # hitz's own keys: part of the Action (and its cache key), matched by no bot.
-      wildcard-property-keys: [${wildcard}]
-    bot-session-keepalive-timeout: 60
-    max-execution-timeout: 600
-    poll-interval: 0.1
-    bot-poll-interval: 0.1
-    assigners:
-      - !priority-age-assigner
-        count: 1
-        interval: 0.1
-instances:
-  - name: ""
-    services:
-      - !cas
-        storage: *cas
-      - !bytestream
-        storage: *cas
-      - !action-cache
-        cache: *ac
-      - !execution
-        scheduler: *sched
-        operation-stream-keepalive-timeout: 5
-thread-pool-size: 20
-""")
-
-
 @contextlib.contextmanager
 def start_buildgrid_exec(folder: Path) -> Iterator[Peer]:
     """BuildGrid with Execution, Operations and Bots that accepts hitz's platform
     keys, on a free port; no bot yet (see ``start_worker``)."""
-    bgd = _tool("bgd/bin/bgd")
-    folder.mkdir(parents=True, exist_ok=True)
-    cas = folder / "bgd-cas"
-    cas.mkdir(exist_ok=True)
-    with start_postgres(folder) as pg_port:
-
-        def argv(port: int) -> list[str]:
-            config = folder / f"bgd-exec-{port}.yml"
-            config.write_text(CONFIG.substitute(
-                port=port, pg_port=pg_port, cas_dir=str(cas.resolve()),
-                wildcard=", ".join(f'"{key}"' for key in HITZ_KEYS)))
-            return [str(bgd), "server", "start", str(config)]
-
-        name = f"BuildGrid {installed().get('BUILDGRID_VERSION', '?')} (execution, hitz keys)"
-        with _serving(name, argv, folder / "bgd-exec.log") as peer:
-            yield peer
+    with start_buildgrid_full(folder, wildcard_keys=HITZ_KEYS,
+                              label="execution, hitz keys") as peer:
+        yield peer
 
 
 @contextlib.contextmanager

@@ -31,8 +31,8 @@ import pytest
 from hitz.executor.remote import RemoteBlobMissing, RemoteCache, RemoteError
 from hitz.executor.store import Digest
 from hitz.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
-from tests.helpers import Project, task
-from tests.integration.test_remote_cache import CountingProxy
+from tests.helpers import Project
+from tests.integration.test_remote_cache import BUILD, SUM, CountingProxy
 from tests.peers import Peer, get_capabilities
 
 MIB = 1 << 20
@@ -253,18 +253,6 @@ def test_an_instance_the_peer_lacks_is_refused_when_connecting(peer: Peer) -> No
 
 
 # --- full runs --------------------------------------------------------------------------
-
-
-BUILD = task(
-    "build",
-    "mkdir -p out/tree/sub && tr a-z A-Z < src/input.txt > out/upper.txt"
-    " && head -c 6000000 /dev/zero | tr '\\0' x > out/big.bin"
-    " && echo nested > out/tree/sub/file && ln -s ../upper.txt out/tree/link",
-    inputs=["src/input.txt"],
-    outputs=["out/upper.txt", "out/big.bin", "out/tree/"],
-)
-SUM = task("sum", "cat out/upper.txt out/tree/sub/file > out/sum.txt",
-           inputs=[":build"], outputs=["out/sum.txt"])
 
 
 def two_machines(tmp_path: Path, cache: str) -> tuple[Project, Project]:
